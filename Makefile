@@ -1,0 +1,31 @@
+# The README's two commands: `make run` (set-up + the main job) and `make test` (set-up + tests).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+KERNEL := flowopd
+
+.PHONY: setup run test test-all clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; pip finds the pinned CPU torch wheel on this
+# machine's disk (GPU nodes: see the README). The venv is registered as the Jupyter kernel
+# `flowopd` inside the venv, so notebooks and papermill run in it.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (flowopd)" > /dev/null
+	@touch $(STAMP)
+
+run: setup
+	$(PY) -m flowopd_lib.sanity
+
+test: setup
+	$(PY) -m pytest
+
+test-all: setup
+	$(PY) -m pytest -m ""
+
+clean:
+	rm -rf runs papermill_runs/outputs .pytest_cache

@@ -1,0 +1,106 @@
+"""Config validation and YAML round-trips; run directories, metrics.csv and offline wandb."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flowopd_lib.config import Config, ConfigError, param
+from flowopd_lib.tracking import MetricsCSV, Run, seed_everything
+
+
+@dataclasses.dataclass
+class Inner(Config):
+    rank: int = param(8, "LoRA rank", range=(1, 512))
+
+
+@dataclasses.dataclass
+class Example(Config):
+    lr: float = param(3e-4, "learning rate", range=(0, 1))
+    objective: str = param("kl", "training objective", choices=("kl", "pg_detached"))
+    weights: dict = param(default_factory=lambda: {"geneval": 1.0}, help="reward weights")
+    steps: tuple = param((1, 2), "steps")
+    lora: Inner = param(default_factory=Inner, help="adapter settings")
+    max_len: int | None = param(None, "optional cap", range=(1, None))
+
+    def check(self):
+        if self.objective == "pg_detached" and self.lr > 0.1:
+            raise ConfigError(f"Example.lr={self.lr} is too large for objective='pg_detached'; use <= 0.1")
+
+
+def test_validation_names_field_value_and_allowed_range():
+    with pytest.raises(ConfigError, match=r"Example.lr=2.0 is out of range; allowed: \[0, 1\]"):
+        Example(lr=2.0)
+    with pytest.raises(ConfigError, match=r"Example.objective='ppo' is not allowed; choose one of \['kl', 'pg_detached'\]"):
+        Example(objective="ppo")
+    with pytest.raises(ConfigError, match=r"Inner.rank=0"):
+        Example.from_dict({"lora": {"rank": 0}})
+    with pytest.raises(ConfigError, match="too large"):
+        Example(objective="pg_detached", lr=0.5)
+    with pytest.raises(ConfigError, match=r"Example.max_len=0"):
+        Example(max_len=0)
+
+
+def test_unknown_keys_are_an_error_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown Example key\(s\): 'learning_rat'|'lr_'"):
+        Example.from_dict({"lr_": 0.1})
+    with pytest.raises(ConfigError, match="did you mean 'objective'"):
+        Example.from_dict({"objectve": "kl"})
+
+
+def test_yaml_round_trip_and_coercion(tmp_path):
+    cfg = Example(lr=1e-3, weights={"ocr": 0.5}, lora=Inner(rank=4), steps=(3, 4))
+    path = tmp_path / "c.yaml"
+    cfg.to_yaml(path)
+    assert Example.from_yaml(path) == cfg
+    (tmp_path / "d.yaml").write_text("lr: 3e-4\nsteps: [5, 6]\nlora: {rank: 16}\n")  # YAML reads 3e-4 as a string
+    loaded = Example.from_yaml(tmp_path / "d.yaml")
+    assert loaded.lr == 3e-4 and loaded.steps == (5, 6) and loaded.lora.rank == 16
+    assert cfg.replace(lr=0.5).lr == 0.5
+    with pytest.raises(ConfigError):
+        cfg.replace(lr=-1.0)
+    assert "lr = 0.0003: learning rate [0, 1]" in Example.help()
+
+
+def test_metrics_csv_grows_its_header(tmp_path):
+    m = MetricsCSV(tmp_path / "metrics.csv")
+    m.append({"step": 1, "loss": 0.5})
+    m.append({"step": 2, "loss": 0.4, "reward/ocr": 0.3})
+    rows = MetricsCSV(tmp_path / "metrics.csv").read()
+    assert [r["loss"] for r in rows] == ["0.5", "0.4"] and rows[0]["reward/ocr"] == "" and rows[1]["reward/ocr"] == "0.3"
+
+
+def test_run_directory_contents_and_offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the default must be offline, never online
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with Run(tmp_path / "run", Example(), name="t") as run:
+        run.log({"loss": torch.tensor(0.25)}, step=1)
+        run.log({"loss": 0.125, "reward/geneval": 0.5}, step=2)
+    d = tmp_path / "run"
+    assert Example.from_yaml(d / "config.yaml") == Example()
+    prov = json.loads((d / "provenance.json").read_text())
+    assert prov["packages"]["torch"].startswith("2.") and "commit" in prov["git"]
+    rows = MetricsCSV(d / "metrics.csv").read()
+    assert [float(r["loss"]) for r in rows] == [0.25, 0.125]
+    assert list((d / "wandb").glob("offline-run-*")), "wandb must write an offline run by default"
+    with pytest.raises(FileExistsError, match="resume=True"):
+        Run(d, Example(), use_wandb=False)
+    with Run(d, Example(), use_wandb=False, resume=True) as run:
+        run.log({"loss": 0.1}, step=3)
+    assert len(MetricsCSV(d / "metrics.csv").read()) == 3
+
+
+def test_seed_everything_is_reproducible():
+    seed_everything(7); a = torch.randn(3)  # noqa: E702
+    seed_everything(7); b = torch.randn(3)  # noqa: E702
+    assert torch.equal(a, b)
+
+
+def test_import_is_fast_and_lazy():
+    code = ("import time, sys; t = time.time(); import flowopd_lib; from flowopd_lib import flow, config, tracking; "
+            "print(time.time() - t); print(any(m in sys.modules for m in ('diffusers', 'transformers', 'wandb')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) < 3.0, f"import took {out[0]} s"
+    assert out[1] == "False", "diffusers/transformers/wandb must not be imported eagerly"
