@@ -1,0 +1,128 @@
+"""The shipped toy prompt sets: fixed train/test splits in Flow-GRPO's file formats.
+
+    assets/prompts/geneval/{train,test}_metadata.jsonl   GenEval metadata, one JSON per line
+    assets/prompts/ocr/{train,test}.txt                  one prompt per line, text in "quotes"
+    assets/prompts/pickscore/{train,test}.txt            one free-form prompt per line
+
+deqa uses the pickscore files (general prompts) with the task label "deqa". Test prompts never
+appear in train; for ocr the quoted texts are disjoint too. GenEval's small tags have only a
+few distinct toy prompts (4 single objects), so each tag is split in half (at most 40 test
+prompts a tag) and `sample_prompts` draws geneval prompts tag by tag in turn, which weighs the
+six categories equally as GenEval's overall score does.
+
+`python -m flowopd_lib.toy.splits` rewrites the files (deterministic).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .grammar import (GENEVAL_TAGS, TASKS, Prompt, all_geneval_prompts, check_task, parse_prompt,
+                      random_freeform, random_ocr)
+
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+SPLITS = ("train", "test")
+SPLIT_SEED = 20260508
+N_OCR = {"train": 1000, "test": 200}
+N_PICKSCORE = {"train": 1000, "test": 200}
+MAX_GENEVAL_TEST_PER_TAG = 40
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
+
+
+def prompt_file(task: str, split: str, root: Path = PROMPT_DIR) -> Path:
+    check_task(task)
+    check_split(split)
+    if task == "geneval":
+        return root / "geneval" / f"{split}_metadata.jsonl"
+    return root / ("pickscore" if task == "deqa" else task) / f"{split}.txt"
+
+
+def read_prompts(task: str, split: str, root: Path = PROMPT_DIR) -> list[Prompt]:
+    """All prompts of a split, in file order, with specs (jsonl metadata or parsed text)."""
+    lines = prompt_file(task, split, Path(root)).read_text().splitlines()
+    if task == "geneval":
+        return [Prompt(m["prompt"], task, m) for m in map(json.loads, lines)]
+    return [parse_prompt(line, task) for line in lines]
+
+
+@lru_cache(maxsize=None)
+def _cached(task: str, split: str) -> tuple[Prompt, ...]:
+    return tuple(read_prompts(task, split))
+
+
+def _cycle(items: list, n: int, rng: np.random.Generator) -> list:
+    """n items from a seeded permutation, starting over (re-permuted) when exhausted."""
+    out = []
+    while len(out) < n:
+        out += [items[i] for i in rng.permutation(len(items))]
+    return out[:n]
+
+
+def sample_prompts(task: str, n: int, split: str = "train", seed: int = 0) -> list[Prompt]:
+    """n prompts of a task from a shipped split; same seed, same prompts (fresh copies)."""
+    check_task(task)
+    check_split(split)
+    rng = np.random.default_rng(seed)
+    prompts = list(_cached(task, split))
+    if task == "geneval":  # tag by tag in turn: equal weight per GenEval category
+        by_tag = [[p for p in prompts if p.spec["tag"] == t] for t in GENEVAL_TAGS]
+        per_tag = [_cycle(ps, -(-n // len(GENEVAL_TAGS)), rng) for ps in by_tag]
+        chosen = [per_tag[i % len(GENEVAL_TAGS)][i // len(GENEVAL_TAGS)] for i in range(n)]
+    else:
+        chosen = _cycle(prompts, n, rng)
+    return [copy.deepcopy(p) for p in chosen]
+
+
+# ----------------------------------------------------------------------------- writing
+
+def geneval_splits(rng: np.random.Generator) -> dict[str, list[Prompt]]:
+    out = {"train": [], "test": []}
+    for tag in GENEVAL_TAGS:
+        prompts = all_geneval_prompts(tag)
+        order = rng.permutation(len(prompts))
+        n_test = min(len(prompts) // 2, MAX_GENEVAL_TEST_PER_TAG)
+        out["test"] += [prompts[i] for i in order[:n_test]]
+        out["train"] += [prompts[i] for i in order[n_test:]]
+    return out
+
+
+def unique_prompts(make, n: int, rng: np.random.Generator, key, taken: set) -> list[Prompt]:
+    """n prompts from `make(rng)` whose key is not in `taken` (which it grows)."""
+    out = []
+    while len(out) < n:
+        p = make(rng)
+        if key(p) not in taken:
+            taken.add(key(p))
+            out.append(p)
+    return out
+
+
+def write_splits(root: Path = PROMPT_DIR, seed: int = SPLIT_SEED) -> dict[str, int]:
+    """Write every prompt file; returns the number of lines per file."""
+    rng = np.random.default_rng(seed)
+    files = {}
+    for split, prompts in geneval_splits(rng).items():
+        files[prompt_file("geneval", split, root)] = [json.dumps(p.spec) for p in prompts]
+    taken_texts, taken_prompts = set(), set()
+    for split in ("test", "train"):  # test first so it gets the same draws whatever train's size
+        ocr = unique_prompts(random_ocr, N_OCR[split], rng, lambda p: p.spec["text"], taken_texts)
+        free = unique_prompts(random_freeform, N_PICKSCORE[split], rng, lambda p: p.text, taken_prompts)
+        files[prompt_file("ocr", split, root)] = [p.text for p in ocr]
+        files[prompt_file("pickscore", split, root)] = [p.text for p in free]
+    for path, lines in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+    return {str(path.relative_to(root)): len(lines) for path, lines in files.items()}
+
+
+if __name__ == "__main__":
+    for name, count in write_splits().items():
+        print(f"{name}: {count} prompts")
