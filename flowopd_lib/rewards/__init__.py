@@ -1,0 +1,63 @@
+"""Rewards: a registry of batched scorers `score(name, images, prompts) -> dict of [B] tensors`.
+
+Every scorer takes images float [B, 3, H, W] in [0, 1] and a list of `toy.Prompt` and returns a
+dict whose "reward" entry is the training signal; some add evaluation entries:
+
+    geneval    reward (Flow-GRPO partial credit), strict (GenEval correctness, 0/1);
+               per-category accuracy: `rewards.geneval.per_category(out["strict"], prompts)`
+    ocr        reward (Flow-GRPO OCR reward), exact (text read in full, 0/1)
+    pickscore  reward (learned proxy in (0, 1)), true (the hidden taste in [0, 1])
+    deqa       reward (quality 1-5; the prompt is ignored)
+    taste      reward (the hidden taste alone) and its terms
+
+`register(name, fn)` adds a scorer (e.g. a real-scale one wrapping a reward server) and
+`available()` lists them. The toy scorers read pixels only (no access to how an image was made).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import deqa, geneval, ocr, taste
+
+Scorer = Callable[[torch.Tensor, list], dict]
+_REGISTRY: dict[str, Scorer] = {}
+
+
+def register(name: str, fn: Scorer) -> Scorer:
+    """Register a scorer under a name (replacing any previous one); returns it."""
+    _REGISTRY[name] = fn
+    return fn
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def score(name: str, images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
+    """Score a batch with a registered scorer; raises ValueError naming the known ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; available: {available()}")
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    return _REGISTRY[name](images, prompts)
+
+
+def _pickscore(images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
+    from . import pickscore  # imported on first use: it loads torch weights
+    return pickscore.score(images, prompts)
+
+
+def _taste(images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
+    terms = taste.taste_terms(images, prompts)
+    return {"reward": terms.pop("taste"), **terms}
+
+
+register("geneval", geneval.score)
+register("ocr", ocr.score)
+register("pickscore", _pickscore)
+register("deqa", deqa.score)
+register("taste", _taste)
+
+__all__ = ["available", "deqa", "geneval", "ocr", "register", "score", "taste"]

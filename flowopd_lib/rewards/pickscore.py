@@ -1,0 +1,201 @@
+"""The toy PickScore: a small prompt-conditioned CNN trained to agree with the hidden taste.
+
+As PickScore is a learned model of human preference, this scorer is a learned model of the
+toy world's hidden taste (`taste.py`): GRPO optimises it, and because it is only a proxy, the
+gap between it and the taste measures reward hacking. Trained in the repo on synthetic
+preference pairs: for each prompt, a group of images (clean render, another layout, a wrong
+scene, generated-looking degradations, another prompt's image) labelled by the taste; the loss
+is Bradley-Terry on pairs whose taste differs by at least `MIN_GAP` (near-ties are dropped, as
+preference datasets drop ties) plus a regression of sigmoid(score) onto the taste, so the
+proxy reads on the taste's [0, 1] scale.
+
+Model: image 32x32 (others are resized) -> 4 conv layers (the middle two FiLM-modulated by the
+prompt) -> pooled features; prompt -> mean embedding of its words and word bigrams over
+`toy.vocabulary()` (glyphs ignored); an MLP on both -> one logit. `python -m flowopd_lib.rewards.pickscore` retrains and ships the weights
+(assets/pickscore_toy/), printing the held-out pairwise accuracy.
+"""
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..toy.degrade import blotch, blur, degrade, perturb_scene
+from ..toy.grammar import Prompt, vocabulary, words
+from ..toy.layout import scene_for_prompt
+from ..toy.scenes import render_scenes
+from ..toy.splits import read_prompts
+from .taste import taste
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "pickscore_toy"
+SIZE = 32
+MIN_GAP = 0.05
+GROUP = 8  # images per prompt in the training data
+
+
+class PickScoreToy(nn.Module):
+    def __init__(self, vocab: list[str], width: int = 16, text_dim: int = 32):
+        super().__init__()
+        self.vocab = {w: i + 1 for i, w in enumerate(vocab)}  # 0 = padding / unknown
+        n = len(vocab) + 1  # unigrams, then bigrams (which bind "red" or "two" to a shape)
+        self.embed = nn.EmbeddingBag(n + n * n, text_dim, mode="mean", padding_idx=0)
+        w = width
+        self.conv1 = nn.Conv2d(3, w, 3, padding=1)
+        self.conv2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(2 * w, 3 * w, 3, stride=2, padding=1)
+        self.conv4 = nn.Conv2d(3 * w, 4 * w, 3, stride=2, padding=1)
+        self.film = nn.Linear(text_dim, 2 * (2 * w + 3 * w))
+        self.head = nn.Sequential(nn.Linear(8 * w + text_dim, 64), nn.GELU(), nn.Linear(64, 1))
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        n = len(self.vocab) + 1
+        uni = [[self.vocab[t] for t in words(p) if t in self.vocab] for p in prompts]
+        ids = [u + [n + a * n + b for a, b in zip(u, u[1:])] or [0] for u in uni]
+        flat = torch.tensor([i for seq in ids for i in seq], dtype=torch.long)
+        offsets = torch.tensor(np.cumsum([0] + [len(s) for s in ids[:-1]]), dtype=torch.long)
+        return self.embed(flat, offsets)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Logits [B] for images [B, 3, H, W] in [0, 1] and prompt texts."""
+        if images.shape[-1] != SIZE:
+            images = F.interpolate(images, size=(SIZE, SIZE), mode="area")
+        t = self.encode_text(prompts)
+        g2, b2, g3, b3 = self.film(t).split([self.conv2.out_channels] * 2 + [self.conv3.out_channels] * 2, dim=1)
+        x = F.gelu(self.conv1(images * 2 - 1))
+        x = F.gelu(self.conv2(x) * (1 + g2[..., None, None]) + b2[..., None, None])
+        x = F.gelu(self.conv3(x) * (1 + g3[..., None, None]) + b3[..., None, None])
+        x = F.gelu(self.conv4(x))
+        feats = torch.cat([x.mean((2, 3)), x.amax((2, 3)), t], dim=1)
+        return self.head(feats)[:, 0]
+
+
+# ----------------------------------------------------------------------------- data
+
+def image_group(prompt: Prompt, other: Prompt, rng: np.random.Generator, seed: int) -> torch.Tensor:
+    """GROUP images for one prompt, from perfect to poor, as a GRPO group might look."""
+    scene = scene_for_prompt(prompt, rng)
+    scenes = [scene, scene_for_prompt(prompt, rng), perturb_scene(scene, rng, SIZE),
+              perturb_scene(scene, rng, SIZE), scene_for_prompt(other, rng)]
+    x = render_scenes(scenes)
+    sigma = float(rng.uniform(0.4, 1.2))
+    extra = torch.stack([blur(x[:1], sigma)[0], blotch(x[1:2], 2)[0], degrade(x[2:3], seed, p=0.6)[0]])
+    return degrade(torch.cat([x, extra]), seed + 1, p=0.15)
+
+
+def make_data(prompts: list[Prompt], seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Images (uint8 [N * GROUP, 3, 32, 32]), their prompt texts, and taste labels."""
+    rng = np.random.default_rng(seed)
+    images, texts = [], []
+    for i, p in enumerate(prompts):
+        other = prompts[int(rng.integers(len(prompts)))]
+        images.append(image_group(p, other, rng, seed * 100003 + i))
+        texts += [p.text] * GROUP
+    x = torch.cat(images)
+    labels = torch.cat([taste(x[j: j + 4096], [prompts[k // GROUP] for k in range(j, min(j + 4096, len(x)))])
+                        for j in range(0, len(x), 4096)])
+    return (x * 255).round().to(torch.uint8), texts, labels
+
+
+def pairs_of(labels: torch.Tensor, min_gap: float = MIN_GAP) -> torch.Tensor:
+    """All within-group pairs (winner, loser) whose taste differs by >= min_gap: [P, 2]."""
+    i, j = torch.triu_indices(GROUP, GROUP, 1)
+    base = torch.arange(0, len(labels), GROUP)[:, None]
+    a, b = (base + i).flatten(), (base + j).flatten()
+    gap = labels[a] - labels[b]
+    keep = gap.abs() >= min_gap
+    return torch.stack([torch.where(gap > 0, a, b), torch.where(gap > 0, b, a)], 1)[keep]
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: PickScoreToy, images: torch.Tensor, texts: list[str], pairs: torch.Tensor) -> float:
+    s = predict(model, images, texts)
+    return float((s[pairs[:, 0]] > s[pairs[:, 1]]).float().mean())
+
+
+@torch.no_grad()
+def predict(model: PickScoreToy, images: torch.Tensor, texts: list[str], batch: int = 1024) -> torch.Tensor:
+    model.eval()
+    out = [model(images[i: i + batch].float() / 255 if images.dtype == torch.uint8 else images[i: i + batch],
+                 texts[i: i + batch]) for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(steps: int = 2500, batch_pairs: int = 64, lr: float = 3e-3, seed: int = 0,
+          rounds: int = 3, out_dir: Path | None = WEIGHTS_DIR) -> dict:
+    """Train the scorer on train-split pickscore prompts, measure it on test-split ones, and
+    (with out_dir) save weights + config. Returns what was measured."""
+    torch.manual_seed(seed)
+    t0 = time.time()
+    train_prompts = read_prompts("pickscore", "train") * rounds
+    x, texts, y = make_data(train_prompts, seed)
+    xt, texts_t, yt = make_data(read_prompts("pickscore", "test"), seed + 1)
+    pairs, pairs_t = pairs_of(y), pairs_of(yt)
+    t_data = time.time() - t0
+    model = PickScoreToy(vocabulary())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        model.train()
+        batch = pairs[torch.randint(len(pairs), (batch_pairs,), generator=gen)]
+        idx = batch.flatten()
+        s = model(x[idx].float() / 255, [texts[k] for k in idx.tolist()]).view(-1, 2)
+        rank = F.softplus(-(s[:, 0] - s[:, 1])).mean()           # Bradley-Terry
+        calib = F.mse_loss(torch.sigmoid(s).flatten(), y[idx])   # on the taste's scale
+        loss = rank + 4 * calib
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 500 == 0 or step == steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  rank {rank.item():.4f}  calib {calib.item():.4f}")
+    s_t = torch.sigmoid(predict(model, xt, texts_t))
+    metrics = {
+        "heldout_pairwise_accuracy": pairwise_accuracy(model, xt, texts_t, pairs_t),
+        "heldout_pairs": len(pairs_t),
+        "heldout_pairwise_accuracy_gap_0.02": pairwise_accuracy(model, xt, texts_t, pairs_of(yt, 0.02)),
+        "heldout_pairwise_accuracy_gap_0.2": pairwise_accuracy(model, xt, texts_t, pairs_of(yt, 0.2)),
+        "train_pairwise_accuracy": pairwise_accuracy(model, x[:len(xt)], texts[:len(xt)], pairs_of(y[:len(xt)])),
+        "heldout_corr_with_taste": float(torch.corrcoef(torch.stack([s_t, yt]))[0, 1]),
+        "heldout_mae_to_taste": float((s_t - yt).abs().mean()),
+        "train_images": len(x), "train_pairs": len(pairs), "steps": steps, "seed": seed,
+        "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0 - t_data, 1),
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(model.state_dict(), str(out_dir / "model.safetensors"))
+        config = {"vocab": vocabulary(), "width": model.conv1.out_channels,
+                  "text_dim": model.embed.embedding_dim, "size": SIZE, "metrics": metrics}
+        (out_dir / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return metrics
+
+
+@lru_cache(maxsize=1)
+def load(weights_dir: Path = WEIGHTS_DIR) -> PickScoreToy:
+    """The shipped scorer (cached), in eval mode."""
+    config = json.loads((weights_dir / "config.json").read_text())
+    model = PickScoreToy(config["vocab"], config["width"], config["text_dim"])
+    model.load_state_dict(load_file(str(weights_dir / "model.safetensors")))
+    return model.eval()
+
+
+@torch.no_grad()
+def score(images: torch.Tensor, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+    """{"reward": the learned proxy in (0, 1) [B], "true": the hidden taste [B]}."""
+    proxy = torch.sigmoid(load()(images.float().clamp(0, 1), [p.text for p in prompts]))
+    return {"reward": proxy, "true": taste(images, prompts)}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for k, v in train().items():
+        print(f"{k}: {v}")
