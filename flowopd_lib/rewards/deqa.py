@@ -10,7 +10,7 @@ Five quality terms in (0, 1]:
 - content: an empty canvas is clean but not a good image.
 score = 1 + 4 * sqrt(product of the terms): every defect costs, none alone pins the score to 1,
 so the score stays graded (a GRPO signal) on blurry samples. Clean renders score 5, a blank
-canvas ~2.3, blur sigma 0.7 ~3.5, noise std 0.1 ~1.5.
+canvas ~2.3, blur sigma 0.7 ~3.4, noise std 0.1 ~1.2 (measured on test prompts).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from scipy import ndimage
 from ..toy.scenes import COLORS, SHAPES, SIZES, object_px, shape_mask
 
 CHROMA_MIN = 0.25   # neutral backgrounds, sign and ink stay below; palette colours are >= 0.75
-HUE_TOL = 30.0      # degrees; wider than half the orange-yellow gap is never reached (nearest wins)
+HUE_TOL = 30.0      # degrees from the nearest palette hue; beyond (cyan, pink...) is no object colour
 FIT_MIN = 0.8       # shape confidence needed to count as a detection
 GRID = 8
 FOUR_CONNECTED = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]],
@@ -82,18 +82,15 @@ def shape_templates(image_size: int) -> np.ndarray:
 @dataclass
 class Detections:
     """Objects found in a batch. Per object (arrays of length N): the image it is in, shape and
-    colour indices (into SHAPES / COLORS; shape -1 when no template fits), confidence, area,
-    box (x0, y0, x1, y1) inclusive and centroid (x, y). Per image [B]: specks (stray pixels
-    regions) and the fraction of object-coloured pixels."""
+    colour indices (into SHAPES / COLORS; shape -1 when no template fits), confidence, area and
+    box (x0, y0, x1, y1) inclusive. Per image [B]: specks (regions too small to be objects)."""
     image: np.ndarray
     shape: np.ndarray
     color: np.ndarray
     fit: np.ndarray
     area: np.ndarray
     box: np.ndarray
-    centroid: np.ndarray
     specks: np.ndarray
-    colored_frac: np.ndarray
 
     def objects_in(self, b: int) -> np.ndarray:
         """Indices of image b's detected objects, most confident first."""
@@ -134,11 +131,8 @@ def detect(images: torch.Tensor | np.ndarray) -> Detections:
     labels, n = label_components(cls)
     flat = labels.ravel()
     area = np.bincount(flat, minlength=n + 1)[1:]
-    bidx, yy, xx = np.indices(labels.shape).reshape(3, -1)
-    safe = np.maximum(area, 1)
-    img_of = np.rint(np.bincount(flat, bidx, n + 1)[1:] / safe).astype(np.int64)
-    cy = np.bincount(flat, yy, n + 1)[1:] / safe
-    cx = np.bincount(flat, xx, n + 1)[1:] / safe
+    bidx = np.repeat(np.arange(b), h * w)
+    img_of = np.rint(np.bincount(flat, bidx, n + 1)[1:] / np.maximum(area, 1)).astype(np.int64)
     color_of = np.zeros(n, np.int64)
     color_of[flat[flat > 0] - 1] = cls.ravel()[flat > 0]
 
@@ -155,5 +149,4 @@ def detect(images: torch.Tensor | np.ndarray) -> Detections:
     fit = agree.max(-1) * squareness if len(big) else np.zeros(0)
     shape = np.where(fit >= FIT_MIN, agree.argmax(-1) if len(big) else 0, -1)
     return Detections(image=img_of[big], shape=shape, color=color_of[big], fit=fit, area=area[big],
-                      box=box, centroid=np.stack([cx[big], cy[big]], -1),
-                      specks=specks, colored_frac=(cls >= 0).reshape(b, -1).mean(-1))
+                      box=box, specks=specks)

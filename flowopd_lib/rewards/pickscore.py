@@ -3,13 +3,14 @@
 As PickScore is a learned model of human preference, this scorer is a learned model of the
 toy world's hidden taste (`taste.py`): GRPO optimises it, and because it is only a proxy, the
 gap between it and the taste measures reward hacking. Trained in the repo on synthetic
-preference pairs: for each prompt, a group of images (clean render, another layout, a wrong
+preference pairs: for each of 3000 prompts (the train split plus fresh grammar prompts, never
+a test prompt), a group of images (clean render, another layout, a wrong
 scene, generated-looking degradations, another prompt's image) labelled by the taste; the loss
-is Bradley-Terry on pairs whose taste differs by at least `MIN_GAP` (near-ties are dropped, as
+is Bradley-Terry on pairs (images mirrored at random: the taste is mirror-symmetric) whose taste differs by at least `MIN_GAP` (near-ties are dropped, as
 preference datasets drop ties) plus a regression of sigmoid(score) onto the taste, so the
 proxy reads on the taste's [0, 1] scale.
 
-Model: image 32x32 (others are resized) -> 4 conv layers (the middle two FiLM-modulated by the
+Model: image 32x32 (others are resized), RGB plus a soft channel per palette colour -> 4 conv layers (the middle two FiLM-modulated by the
 prompt) -> pooled features; prompt -> mean embedding of its words and word bigrams over
 `toy.vocabulary()` (glyphs ignored); an MLP on both -> one logit. `python -m flowopd_lib.rewards.pickscore` retrains and ships the weights
 (assets/pickscore_toy/), printing the held-out pairwise accuracy.
@@ -28,9 +29,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..toy.degrade import blotch, blur, degrade, perturb_scene
-from ..toy.grammar import Prompt, vocabulary, words
+from ..toy.grammar import Prompt, random_freeform, vocabulary, words
 from ..toy.layout import scene_for_prompt
-from ..toy.scenes import render_scenes
+from ..toy.scenes import COLORS, render_scenes
 from ..toy.splits import read_prompts
 from .taste import taste
 
@@ -38,6 +39,16 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "pickscore_toy
 SIZE = 32
 MIN_GAP = 0.05
 GROUP = 8  # images per prompt in the training data
+PALETTE = torch.tensor(list(COLORS.values()))
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """RGB in [-1, 1] plus one soft channel per palette colour (1 at the colour, 0 beyond an
+    RGB distance of 0.4): a colour-aware first layer lets a small net bind "red" in the prompt
+    to red pixels."""
+    d = torch.cdist(images.permute(0, 2, 3, 1).reshape(-1, 3), PALETTE.to(images))
+    near = (1 - d / 0.4).clamp_min(0).reshape(images.shape[0], *images.shape[2:], -1).permute(0, 3, 1, 2)
+    return torch.cat([images * 2 - 1, near], 1)
 
 
 class PickScoreToy(nn.Module):
@@ -47,7 +58,7 @@ class PickScoreToy(nn.Module):
         n = len(vocab) + 1  # unigrams, then bigrams (which bind "red" or "two" to a shape)
         self.embed = nn.EmbeddingBag(n + n * n, text_dim, mode="mean", padding_idx=0)
         w = width
-        self.conv1 = nn.Conv2d(3, w, 3, padding=1)
+        self.conv1 = nn.Conv2d(3 + len(COLORS), w, 3, padding=1)
         self.conv2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(2 * w, 3 * w, 3, stride=2, padding=1)
         self.conv4 = nn.Conv2d(3 * w, 4 * w, 3, stride=2, padding=1)
@@ -68,7 +79,7 @@ class PickScoreToy(nn.Module):
             images = F.interpolate(images, size=(SIZE, SIZE), mode="area")
         t = self.encode_text(prompts)
         g2, b2, g3, b3 = self.film(t).split([self.conv2.out_channels] * 2 + [self.conv3.out_channels] * 2, dim=1)
-        x = F.gelu(self.conv1(images * 2 - 1))
+        x = F.gelu(self.conv1(pixel_features(images)))
         x = F.gelu(self.conv2(x) * (1 + g2[..., None, None]) + b2[..., None, None])
         x = F.gelu(self.conv3(x) * (1 + g3[..., None, None]) + b3[..., None, None])
         x = F.gelu(self.conv4(x))
@@ -129,14 +140,27 @@ def predict(model: PickScoreToy, images: torch.Tensor, texts: list[str], batch: 
 
 # ----------------------------------------------------------------------------- training
 
+def training_prompts(n: int, seed: int) -> list[Prompt]:
+    """The train split plus fresh grammar prompts (never a test prompt) up to n distinct ones:
+    many distinct prompts keep the scorer from memorising prompts instead of judging images."""
+    prompts = read_prompts("pickscore", "train")
+    taken = {p.text for p in prompts} | {p.text for p in read_prompts("pickscore", "test")}
+    rng = np.random.default_rng(seed)
+    while len(prompts) < n:
+        p = random_freeform(rng)
+        if p.text not in taken:
+            taken.add(p.text)
+            prompts.append(p)
+    return prompts
+
+
 def train(steps: int = 2500, batch_pairs: int = 64, lr: float = 3e-3, seed: int = 0,
-          rounds: int = 3, out_dir: Path | None = WEIGHTS_DIR) -> dict:
-    """Train the scorer on train-split pickscore prompts, measure it on test-split ones, and
+          n_prompts: int = 3000, out_dir: Path | None = WEIGHTS_DIR) -> dict:
+    """Train the scorer on train-split and fresh prompts, measure it on test-split ones, and
     (with out_dir) save weights + config. Returns what was measured."""
     torch.manual_seed(seed)
     t0 = time.time()
-    train_prompts = read_prompts("pickscore", "train") * rounds
-    x, texts, y = make_data(train_prompts, seed)
+    x, texts, y = make_data(training_prompts(n_prompts, seed), seed)
     xt, texts_t, yt = make_data(read_prompts("pickscore", "test"), seed + 1)
     pairs, pairs_t = pairs_of(y), pairs_of(yt)
     t_data = time.time() - t0
@@ -148,7 +172,10 @@ def train(steps: int = 2500, batch_pairs: int = 64, lr: float = 3e-3, seed: int 
         model.train()
         batch = pairs[torch.randint(len(pairs), (batch_pairs,), generator=gen)]
         idx = batch.flatten()
-        s = model(x[idx].float() / 255, [texts[k] for k in idx.tolist()]).view(-1, 2)
+        images = x[idx].float() / 255
+        flip = torch.rand(len(idx), generator=gen) < 0.5  # the taste is mirror-symmetric
+        images[flip] = images[flip].flip(-1)
+        s = model(images, [texts[k] for k in idx.tolist()]).view(-1, 2)
         rank = F.softplus(-(s[:, 0] - s[:, 1])).mean()           # Bradley-Terry
         calib = F.mse_loss(torch.sigmoid(s).flatten(), y[idx])   # on the taste's scale
         loss = rank + 4 * calib
