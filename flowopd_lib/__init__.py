@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "flow", "config", "tracking", "toy", "rewards", "models", "evaluation",
+    "flow", "config", "tracking", "checkpoint", "toy", "rewards", "models", "rollout", "pretrain",
+    "evaluation", "viz",
 }
 
 

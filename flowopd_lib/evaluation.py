@@ -1,0 +1,95 @@
+"""The shared evaluation protocol: one table row per model, one column per metric.
+
+Protocol (METHOD.md section 8, in miniature): test prompts of each task, ODE sampling with fixed
+steps, CFG and seeds (every model starts from the same noise), each task judged by its reward:
+
+    geneval          strict GenEval accuracy on geneval prompts (+ geneval/<tag> per category)
+    ocr              mean OCR reward (1 - normalised edit distance) on ocr prompts
+    pickscore        learned preference score (the proxy GRPO optimises) on pickscore prompts
+    pickscore_true   the hidden taste behind it (the truth: reward hacking = proxy up, truth down)
+    deqa             image quality, 1-5, on deqa prompts
+    Avg              mean of the normalised metrics, as the paper's Avg column
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from . import rewards, rollout, toy
+from .models.base import FlowModel
+
+TASKS = ("geneval", "ocr", "pickscore", "deqa")
+# The paper's Avg = mean(GenEval, OCR, DeQA / 5, PickScore / 26); the toy PickScore is already in [0, 1].
+NORMALISERS = {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0, "deqa": 5.0}
+
+
+def task_metrics(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> dict[str, float]:
+    """Metrics of one task from its reward's outputs (see the module docstring)."""
+    scores = rewards.score(reward_name or task, images, prompts)
+    if task == "geneval":  # GenEval's overall score: the mean of the per-category accuracies
+        categories = rewards.geneval.per_category(scores["strict"].float().cpu(), prompts)
+        out = {"geneval": categories.pop("overall"), "geneval_partial": scores["reward"].float().mean().item()}
+        return {**out, **{f"geneval/{tag}": acc for tag, acc in categories.items()}}
+    if task == "pickscore":
+        return {"pickscore": scores["reward"].float().mean().item(), "pickscore_true": scores["true"].float().mean().item()}
+    return {task: scores["reward"].float().mean().item()}
+
+
+def scores_of(model: FlowModel, **kwargs) -> dict[str, float]:
+    """One model's metrics as a dict (for logging during training); kwargs as `evaluate`."""
+    return evaluate({"model": model}, **kwargs).iloc[0].to_dict()
+
+
+def average(row: dict[str, float]) -> float:
+    return sum(row[t] / NORMALISERS[t] for t in NORMALISERS) / len(NORMALISERS)
+
+
+def evaluate(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = TASKS, n_prompts: int = 128,
+             steps: int = 20, cfg_scale: float = 3.0, seed: int = 0,
+             prompts_for_task: Callable[[str, int, int], list] | None = None,
+             reward_for_task: dict[str, str] | None = None) -> pd.DataFrame:
+    """The metric table: one row per model (index = name), columns as in the module docstring.
+
+    `prompts_for_task(task, n, seed)` defaults to the toy world's test split; `reward_for_task`
+    maps a task to the reward that judges it (default: the reward of the same name)."""
+    if isinstance(models, FlowModel):
+        models = {"model": models}
+    prompts_for_task = prompts_for_task or (lambda task, n, s: toy.sample_prompts(task, n=n, split="test", seed=s))
+    prompt_sets = {task: prompts_for_task(task, n_prompts, seed) for task in tasks}
+    rows = {}
+    for name, model in models.items():
+        row = {}
+        for task, prompts in prompt_sets.items():
+            images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale, seed=seed)
+            row.update(task_metrics(task, prompts, images, (reward_for_task or {}).get(task)))
+        if all(t in row for t in NORMALISERS):
+            row["Avg"] = average(row)
+        rows[name] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    main = [c for c in ("geneval", "ocr", "pickscore", "pickscore_true", "deqa", "Avg") if c in table]
+    return table[main + [c for c in table.columns if c not in main]]
+
+
+def sample_grid(models: dict[str, FlowModel], prompts: list[str], steps: int = 20, cfg_scale: float = 3.0,
+                seed: int = 0, path=None):
+    """A models x prompts grid of samples from the same noise (a matplotlib Figure)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(models), len(prompts), figsize=(1.3 * len(prompts), 1.45 * len(models)),
+                             squeeze=False)
+    for r, (name, model) in enumerate(models.items()):
+        images = rollout.generate(model, prompts, steps=steps, cfg_scale=cfg_scale, seed=seed)
+        for c, image in enumerate(images):
+            ax = axes[r][c]
+            ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if r == 0:
+                ax.set_title(prompts[c], fontsize=5, wrap=True)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -1,0 +1,90 @@
+"""The model wrapper every trainer talks to, the same for the toy MMDiT and SD3.5-Medium.
+
+A `FlowModel` owns a diffusers `SD3Transformer2DModel` (`.transformer`, where LoRA adapters
+attach), turns prompts into cached embeddings, predicts velocities on latents, and decodes
+latents to images in [0, 1] for the rewards. Trainers never see tokenizers, text encoders or
+VAEs: rollouts, GRPO and OPD are written once against this interface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PromptEmbeds:
+    """Per-token embeddings [B, L, D] (MMDiT context) and pooled embeddings [B, P] (AdaLN)."""
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index) -> "PromptEmbeds":
+        return PromptEmbeds(self.tokens[index], self.pooled[index])
+
+    def repeat_interleave(self, repeats: int) -> "PromptEmbeds":
+        return PromptEmbeds(self.tokens.repeat_interleave(repeats, 0), self.pooled.repeat_interleave(repeats, 0))
+
+    def to(self, device) -> "PromptEmbeds":
+        return PromptEmbeds(self.tokens.to(device), self.pooled.to(device))
+
+    @staticmethod
+    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
+        return PromptEmbeds(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]))
+
+
+class FlowModel(torch.nn.Module):
+    """Interface of a text-to-image flow model. Subclasses set `self.transformer` and implement
+    `_encode_uncached`, `decode` and `latent_shape`; `encode_images` where SFT/pretraining needs it."""
+
+    transformer: torch.nn.Module
+
+    def __init__(self):
+        super().__init__()
+        self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- prompts
+    def _encode_uncached(self, texts: list[str]) -> PromptEmbeds:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_prompts(self, texts: list[str]) -> PromptEmbeds:
+        """Embeddings of frozen text encoders, computed once per distinct prompt and cached
+        (the empty string is the unconditional prompt for CFG, as in SD3)."""
+        missing = sorted({t for t in texts if t not in self._embed_cache})
+        if missing:
+            fresh = self._encode_uncached(missing)
+            for i, t in enumerate(missing):
+                self._embed_cache[t] = (fresh.tokens[i], fresh.pooled[i])
+        return PromptEmbeds(torch.stack([self._embed_cache[t][0] for t in texts]),
+                            torch.stack([self._embed_cache[t][1] for t in texts]))
+
+    def clear_prompt_cache(self) -> None:
+        self._embed_cache.clear()
+
+    # -- velocity
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        """v_theta(x_s, s, c): one transformer forward. sigma: [B] or a scalar; SD3 takes 1000 s."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(x.shape[0])
+        return self.transformer(hidden_states=x, encoder_hidden_states=embeds.tokens.to(x.dtype),
+                                pooled_projections=embeds.pooled.to(x.dtype), timestep=1000 * sigma,
+                                return_dict=False)[0]
+
+    # -- latents <-> images
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (float32)."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> latents (the x_0 of the flow)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device

@@ -1,0 +1,192 @@
+"""The toy world's text-to-image model: SD3's architecture in miniature, built in code.
+
+  prompt --word tokenizer--> tiny CLIP text encoder --> tokens [B, L, D] + pooled [B, P]
+  latent [B, C, 8, 8] --SD3Transformer2DModel (MMDiT)--> velocity
+  latent --tiny conv decoder--> image [B, 3, 32, 32]
+
+As SD3 does with its VAE, the MMDiT works on a small latent of a tiny autoencoder trained on the
+toy renders: the decoder draws crisp edges and glyphs, so the flow model only has to learn layout
+(a pixel-space MMDiT of the same cost drew blobs; see notebooks/01_base_model.ipynb). Sizes are
+named in `SIZES`; `save`/`load` keep everything (weights, vocabulary, latent statistics) in one
+safetensors file plus a JSON config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import FlowModel, PromptEmbeds
+
+SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+@dataclasses.dataclass(frozen=True)
+class ToySize:
+    """Architecture of one named size (the image is image_size^2, the latent image_size/4)."""
+    layers: int
+    heads: int
+    head_dim: int
+    latent_channels: int = 8
+    ae_width: int = 64
+    text_dim: int = 64
+    text_layers: int = 2
+    max_tokens: int = 16
+
+
+SIZES = {
+    "tiny": ToySize(layers=2, heads=2, head_dim=16, ae_width=16, text_dim=32, text_layers=1),
+    "small": ToySize(layers=6, heads=4, head_dim=16),
+    "base": ToySize(layers=6, heads=4, head_dim=32),
+}
+
+
+class WordTokenizer:
+    """Word-level tokenizer over the toy grammar (`toy.words` splits prompts; quoted text becomes
+    one token per glyph). Pads/truncates to max_tokens with <bos> ... <eos> like CLIP."""
+
+    def __init__(self, vocab: list[str], max_tokens: int):
+        self.vocab = list(SPECIALS) + [w for w in vocab if w not in SPECIALS]
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.max_tokens = max_tokens
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        from ..toy.grammar import words
+
+        ids = torch.full((len(texts), self.max_tokens), self.index["<pad>"], dtype=torch.long)
+        unk = self.index["<unk>"]
+        for row, text in enumerate(texts):
+            body = [self.index.get(w, unk) for w in words(text)][: self.max_tokens - 2]
+            seq = [self.index["<bos>"], *body, self.index["<eos>"]]
+            ids[row, : len(seq)] = torch.tensor(seq)
+        return ids
+
+
+class TinyAutoencoder(nn.Module):
+    """Deterministic conv autoencoder, 4x down: [B, 3, H, W] in [0, 1] <-> [B, C, H/4, W/4]."""
+
+    def __init__(self, latent_channels: int, width: int):
+        super().__init__()
+        w = width
+        # Full resolution only at the very first and last layer: convs at 32x32 dominate CPU time.
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, w, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, w, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(w, latent_channels, 1))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent_channels, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
+            nn.ConvTranspose2d(w, w, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
+            nn.ConvTranspose2d(w, 3, 4, stride=2, padding=1))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images * 2 - 1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unclamped reconstruction in roughly [0, 1] (clamp for display and rewards)."""
+        return (self.decoder(latents) + 1) / 2
+
+
+def build_text_encoder(vocab_size: int, size: ToySize):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=size.text_dim, intermediate_size=2 * size.text_dim,
+                         num_hidden_layers=size.text_layers, num_attention_heads=4,
+                         max_position_embeddings=size.max_tokens, projection_dim=size.text_dim,
+                         pad_token_id=SPECIALS.index("<pad>"), bos_token_id=SPECIALS.index("<bos>"),
+                         eos_token_id=SPECIALS.index("<eos>"), hidden_act="gelu")
+    return CLIPTextModelWithProjection(cfg)
+
+
+def build_transformer(size: ToySize, latent_size: int):
+    from diffusers import SD3Transformer2DModel
+
+    inner = size.heads * size.head_dim
+    return SD3Transformer2DModel(sample_size=latent_size, patch_size=1, in_channels=size.latent_channels,
+                                 out_channels=size.latent_channels, num_layers=size.layers,
+                                 attention_head_dim=size.head_dim, num_attention_heads=size.heads,
+                                 joint_attention_dim=size.text_dim, caption_projection_dim=inner,
+                                 pooled_projection_dim=size.text_dim, pos_embed_max_size=latent_size)
+
+
+class ToyFlowModel(FlowModel):
+    """Tokenizer + tiny CLIP + MMDiT on the latent of a tiny autoencoder."""
+
+    def __init__(self, size: str = "small", vocab: list[str] | None = None, image_size: int = 32):
+        super().__init__()
+        if size not in SIZES:
+            raise ValueError(f"unknown toy model size {size!r}; known sizes: {sorted(SIZES)}")
+        if image_size % 4:
+            raise ValueError(f"image_size={image_size} must be a multiple of 4 (the autoencoder downsamples 4x)")
+        if vocab is None:
+            from .. import toy
+            vocab = toy.vocabulary() + list(toy.GLYPHS)
+        self.size_name, self.spec, self.image_size = size, SIZES[size], image_size
+        self.tokenizer = WordTokenizer(vocab, self.spec.max_tokens)
+        self.text_encoder = build_text_encoder(len(self.tokenizer), self.spec)
+        self.autoencoder = TinyAutoencoder(self.spec.latent_channels, self.spec.ae_width)
+        self.transformer = build_transformer(self.spec, image_size // 4)
+        # Per-channel latent statistics (SD3's shift/scaling factor): the flow sees N(0, 1)-ish latents.
+        self.register_buffer("latent_mean", torch.zeros(self.spec.latent_channels))
+        self.register_buffer("latent_std", torch.ones(self.spec.latent_channels))
+        self.eval()
+
+    # -- prompts
+    def text_embeddings(self, texts: list[str]) -> PromptEmbeds:
+        """Differentiable text encoding (pretraining trains the encoder jointly)."""
+        ids = self.tokenizer(texts).to(self.device)
+        out = self.text_encoder(input_ids=ids, attention_mask=(ids != 0).long())
+        return PromptEmbeds(out.last_hidden_state, out.text_embeds)
+
+    def _encode_uncached(self, texts: list[str]) -> PromptEmbeds:
+        return self.text_embeddings(texts)
+
+    # -- latents <-> images
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.image_size // 4
+        return (self.spec.latent_channels, side, side)
+
+    def _stats(self):
+        return self.latent_mean.view(1, -1, 1, 1), self.latent_std.view(1, -1, 1, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats()
+        return (self.autoencoder.encode(images.to(self.device)) - mean) / std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats()
+        return self.autoencoder.decode(latents.float() * std + mean).clamp(0, 1)
+
+    # -- persistence
+    def config(self) -> dict:
+        return {"size": self.size_name, "image_size": self.image_size, "vocab": self.tokenizer.vocab[len(SPECIALS):]}
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write `model.safetensors` + `config.json` (plus `extra`, e.g. measured metrics)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, directory / "model.safetensors")
+        (directory / "config.json").write_text(json.dumps({**self.config(), **(extra or {})}, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ToyFlowModel":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg = json.loads((directory / "config.json").read_text())
+        model = cls(cfg["size"], vocab=cfg["vocab"], image_size=cfg["image_size"])
+        model.load_state_dict(load_file(directory / "model.safetensors"))
+        return model.eval().requires_grad_(False)

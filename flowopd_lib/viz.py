@@ -1,0 +1,50 @@
+"""Matplotlib figures shared by the notebooks: image grids and training curves from metrics.csv."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+
+def image_grid(images: torch.Tensor, titles: list[str] | None = None, ncols: int = 8, path=None, scale: float = 1.3):
+    """Images [N, 3, H, W] in [0, 1] as a grid with optional (small) titles."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(scale * ncols, (scale + 0.25 * bool(titles)) * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].permute(1, 2, 0).cpu().float().numpy(), interpolation="nearest")
+            if titles:
+                ax.set_title(titles[i], fontsize=5, wrap=True)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(run_dir) / "metrics.csv")
+
+
+def plot_curves(metrics: pd.DataFrame, columns: list[str], title: str = "", path=None, logy: bool = False):
+    """One line per column against `step` (rows where the column is missing are skipped)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for col in columns:
+        if col in metrics:
+            rows = metrics[["step", col]].dropna()
+            ax.plot(rows["step"], rows[col], label=col, marker="." if len(rows) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
