@@ -1,19 +1,24 @@
 """The toy PickScore: a small prompt-conditioned CNN trained to agree with the hidden taste.
 
 As PickScore is a learned model of human preference, this scorer is a learned model of the
-toy world's hidden taste (`taste.py`): GRPO optimises it, and because it is only a proxy, the
-gap between it and the taste measures reward hacking. Trained in the repo on synthetic
-preference pairs: for each of 3000 prompts (the train split plus fresh grammar prompts, never
-a test prompt), a group of images (clean render, another layout, a wrong
-scene, generated-looking degradations, another prompt's image) labelled by the taste; the loss
-is Bradley-Terry on pairs (images mirrored at random: the taste is mirror-symmetric) whose taste differs by at least `MIN_GAP` (near-ties are dropped, as
-preference datasets drop ties) plus a regression of sigmoid(score) onto the taste, so the
-proxy reads on the taste's [0, 1] scale.
+toy world's hidden taste (`taste.py`): GRPO optimises it, and because it is only a proxy (a
+small net that saw only rendered, degraded and mismatched images), the gap between it and the
+taste measures reward hacking. Trained in the repo on synthetic preferences: for each of 3000
+prompts (the train split plus fresh grammar prompts, never a test prompt), a group of GROUP
+images (clean render, another layout, a wrong scene, generated-looking degradations, another
+prompt's image) labelled by the taste. A preference pair is two images of one prompt whose
+taste differs by at least `MIN_GAP` (a confident labeller; near-ties dropped, as preference
+datasets drop ties); the same rule defines training and held-out (test-prompt) pairs. The loss
+is Bradley-Terry over all pairs within each sampled group (images mirrored at random: the
+taste is mirror-symmetric) plus a regression of sigmoid(score) onto the taste, so the proxy
+reads on the taste's [0, 1] scale.
 
-Model: image 32x32 (others are resized), RGB plus a soft channel per palette colour -> 4 conv layers (the middle two FiLM-modulated by the
-prompt) -> pooled features; prompt -> mean embedding of its words and word bigrams over
-`toy.vocabulary()` (glyphs ignored); an MLP on both -> one logit. `python -m flowopd_lib.rewards.pickscore` retrains and ships the weights
-(assets/pickscore_toy/), printing the held-out pairwise accuracy.
+Model: image 32x32 (others are resized) -> `pixel_features` (RGB, palette colours, colours the
+prompt names or not, named-background match, subject mask, |Laplacian|, coordinates) -> 4 conv
+layers (the middle two FiLM-modulated by the prompt) -> mean- and max-pooled features; prompt
+-> mean embedding of its words and word bigrams over `toy.vocabulary()` (glyphs ignored); an
+MLP on both -> one logit. `python -m flowopd_lib.rewards.pickscore` retrains deterministically
+and ships the weights (assets/pickscore_toy/), printing the held-out pairwise accuracy.
 """
 from __future__ import annotations
 
@@ -28,10 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..toy.degrade import blotch, blur, degrade, perturb_scene
+from ..toy.degrade import background_color, blotch, blur, degrade, perturb_scene
 from ..toy.grammar import Prompt, random_freeform, vocabulary, words
 from ..toy.layout import scene_for_prompt
-from ..toy.scenes import COLORS, render_scenes
+from ..toy.scenes import BACKGROUNDS, COLORS, render_scenes
 from ..toy.splits import read_prompts
 from .taste import taste
 
@@ -40,15 +45,29 @@ SIZE = 32
 MIN_GAP = 0.05
 GROUP = 8  # images per prompt in the training data
 PALETTE = torch.tensor(list(COLORS.values()))
+LAPLACIAN = torch.tensor([[1.0, -2, 1], [-2, 4, -2], [1, -2, 1]]).view(1, 1, 3, 3) / 4
+N_FEATURES = 3 + len(COLORS) + 7
 
 
-def pixel_features(images: torch.Tensor) -> torch.Tensor:
-    """RGB in [-1, 1] plus one soft channel per palette colour (1 at the colour, 0 beyond an
-    RGB distance of 0.4): a colour-aware first layer lets a small net bind "red" in the prompt
-    to red pixels."""
-    d = torch.cdist(images.permute(0, 2, 3, 1).reshape(-1, 3), PALETTE.to(images))
-    near = (1 - d / 0.4).clamp_min(0).reshape(images.shape[0], *images.shape[2:], -1).permute(0, 3, 1, 2)
-    return torch.cat([images * 2 - 1, near], 1)
+def pixel_features(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Input channels [B, N_FEATURES, H, W] making each of the taste's cues local and easy:
+    RGB in [-1, 1]; a soft channel per palette colour (1 at the colour, 0 beyond an RGB distance
+    of 0.4); the palette colours the prompt names / does not name; how close each pixel is to the
+    named background (0 when none is named); the subject (pixels unlike the border's median
+    colour); |Laplacian| (noise and sharp edges); and y, x coordinates (composition)."""
+    b, _, h, w = images.shape
+    near = (1 - torch.cdist(images.permute(0, 2, 3, 1).reshape(b, -1, 3), PALETTE.to(images)) / 0.4).clamp_min(0)
+    near = near.transpose(1, 2).reshape(b, -1, h, w)
+    toks = [set(words(p)) for p in prompts]
+    named = torch.tensor([[c in t for c in COLORS] for t in toks], dtype=images.dtype)[..., None, None]
+    bg = torch.tensor([next((v for k, v in BACKGROUNDS.items() if k in t), (9.0,) * 3) for t in toks])
+    bg_match = (1 - (images - bg.to(images)[..., None, None]).abs().amax(1, keepdim=True) / 0.25).clamp_min(0)
+    subject = (((images - background_color(images)).abs().amax(1, keepdim=True) - 0.1) / 0.2).clamp(0, 1)
+    lap = F.conv2d(F.pad(images, (1,) * 4, mode="replicate"), LAPLACIAN.repeat(3, 1, 1, 1), groups=3)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.cat([images * 2 - 1, near, (near * named).sum(1, keepdim=True),
+                      (near * (1 - named)).sum(1, keepdim=True), bg_match, subject,
+                      lap.abs().amax(1, keepdim=True), yy.expand(b, 1, h, w), xx.expand(b, 1, h, w)], 1)
 
 
 class PickScoreToy(nn.Module):
@@ -58,7 +77,7 @@ class PickScoreToy(nn.Module):
         n = len(vocab) + 1  # unigrams, then bigrams (which bind "red" or "two" to a shape)
         self.embed = nn.EmbeddingBag(n + n * n, text_dim, mode="mean", padding_idx=0)
         w = width
-        self.conv1 = nn.Conv2d(3 + len(COLORS), w, 3, padding=1)
+        self.conv1 = nn.Conv2d(N_FEATURES, w, 3, padding=1)
         self.conv2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(2 * w, 3 * w, 3, stride=2, padding=1)
         self.conv4 = nn.Conv2d(3 * w, 4 * w, 3, stride=2, padding=1)
@@ -79,7 +98,7 @@ class PickScoreToy(nn.Module):
             images = F.interpolate(images, size=(SIZE, SIZE), mode="area")
         t = self.encode_text(prompts)
         g2, b2, g3, b3 = self.film(t).split([self.conv2.out_channels] * 2 + [self.conv3.out_channels] * 2, dim=1)
-        x = F.gelu(self.conv1(pixel_features(images)))
+        x = F.gelu(self.conv1(pixel_features(images, prompts)))
         x = F.gelu(self.conv2(x) * (1 + g2[..., None, None]) + b2[..., None, None])
         x = F.gelu(self.conv3(x) * (1 + g3[..., None, None]) + b3[..., None, None])
         x = F.gelu(self.conv4(x))
@@ -140,6 +159,14 @@ def predict(model: PickScoreToy, images: torch.Tensor, texts: list[str], batch: 
 
 # ----------------------------------------------------------------------------- training
 
+def group_rank_loss(scores: torch.Tensor, tastes: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry over every within-group pair whose taste differs by >= MIN_GAP, for
+    scores and tastes [G, GROUP]: one forward of a group yields up to 28 preference pairs."""
+    prefer = (tastes[:, :, None] - tastes[:, None, :]) >= MIN_GAP
+    nll = F.softplus(scores[:, None, :] - scores[:, :, None])
+    return (nll * prefer).sum() / prefer.sum().clamp_min(1)
+
+
 def training_prompts(n: int, seed: int) -> list[Prompt]:
     """The train split plus fresh grammar prompts (never a test prompt) up to n distinct ones:
     many distinct prompts keep the scorer from memorising prompts instead of judging images."""
@@ -154,7 +181,7 @@ def training_prompts(n: int, seed: int) -> list[Prompt]:
     return prompts
 
 
-def train(steps: int = 2500, batch_pairs: int = 64, lr: float = 3e-3, seed: int = 0,
+def train(steps: int = 1800, batch_groups: int = 16, lr: float = 3e-3, seed: int = 0,
           n_prompts: int = 3000, out_dir: Path | None = WEIGHTS_DIR) -> dict:
     """Train the scorer on train-split and fresh prompts, measure it on test-split ones, and
     (with out_dir) save weights + config. Returns what was measured."""
@@ -170,14 +197,14 @@ def train(steps: int = 2500, batch_pairs: int = 64, lr: float = 3e-3, seed: int 
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         model.train()
-        batch = pairs[torch.randint(len(pairs), (batch_pairs,), generator=gen)]
-        idx = batch.flatten()
+        groups = torch.randint(len(x) // GROUP, (batch_groups,), generator=gen)
+        idx = (groups[:, None] * GROUP + torch.arange(GROUP)).flatten()
         images = x[idx].float() / 255
         flip = torch.rand(len(idx), generator=gen) < 0.5  # the taste is mirror-symmetric
         images[flip] = images[flip].flip(-1)
-        s = model(images, [texts[k] for k in idx.tolist()]).view(-1, 2)
-        rank = F.softplus(-(s[:, 0] - s[:, 1])).mean()           # Bradley-Terry
-        calib = F.mse_loss(torch.sigmoid(s).flatten(), y[idx])   # on the taste's scale
+        s, target = model(images, [texts[k] for k in idx.tolist()]).view(-1, GROUP), y[idx].view(-1, GROUP)
+        rank = group_rank_loss(s, target)
+        calib = F.mse_loss(torch.sigmoid(s), target)   # on the taste's scale
         loss = rank + 4 * calib
         opt.zero_grad()
         loss.backward()
