@@ -15,10 +15,13 @@ reads on the taste's [0, 1] scale.
 
 Model: image 32x32 (others are resized) -> `pixel_features` (RGB, palette colours, colours the
 prompt names or not, named-background match, subject mask, |Laplacian|, coordinates) -> 4 conv
-layers (the middle two FiLM-modulated by the prompt) -> mean- and max-pooled features; prompt
--> mean embedding of its words and word bigrams over `toy.vocabulary()` (glyphs ignored); an
-MLP on both -> one logit. `python -m flowopd_lib.rewards.pickscore` retrains deterministically
-and ships the weights (assets/pickscore_toy/), printing the held-out pairwise accuracy.
+layers (the middle two FiLM-modulated by the prompt) -> mean- and max-pooled features. Prompt ->
+mean embedding of its words and word bigrams over `toy.vocabulary()` (glyphs ignored) plus the
+mean of one embedding per object group of its parsed spec (`object_groups`: shape, colour, count,
+size). Counting: per 8x8 cell, a density of objects matching each group (query . key) and of any
+object, sum-pooled and set against the wanted counts. An MLP on all of it -> two factors whose
+product is the proxy (logit returned). `python -m flowopd_lib.rewards.pickscore` retrains
+deterministically and ships the weights (assets/pickscore_toy/), printing held-out accuracy.
 """
 from __future__ import annotations
 
@@ -34,9 +37,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..toy.degrade import background_color, blotch, blur, degrade, perturb_scene
-from ..toy.grammar import Prompt, random_freeform, vocabulary, words
+from ..toy.grammar import Prompt, parse_prompt, random_freeform, vocabulary, words
 from ..toy.layout import scene_for_prompt
-from ..toy.scenes import BACKGROUNDS, COLORS, render_scenes
+from ..toy.scenes import BACKGROUNDS, COLORS, SHAPES, SIZES, render_scenes
 from ..toy.splits import read_prompts
 from .taste import taste
 
@@ -47,6 +50,23 @@ GROUP = 8  # images per prompt in the training data
 PALETTE = torch.tensor(list(COLORS.values()))
 LAPLACIAN = torch.tensor([[1.0, -2, 1], [-2, 4, -2], [1, -2, 1]]).view(1, 1, 3, 3) / 4
 N_FEATURES = 3 + len(COLORS) + 7
+MAX_GROUPS = 3  # object groups per prompt (free-form: 1-3, GenEval: 1-2)
+
+
+@lru_cache(maxsize=None)
+def object_groups(text: str) -> tuple[tuple[int, int, int, int], ...]:
+    """(shape, colour + 1 or 0, count, size + 1 or 0) of each object group the prompt asks for,
+    from its parsed spec (free-form or GenEval phrasing); () for other prompts (text on a sign)."""
+    for task in ("pickscore", "geneval"):
+        try:
+            spec = parse_prompt(text, task).spec
+        except ValueError:
+            continue
+        objs = spec.get("objects") or [{"shape": c["class"], **c} for c in spec["include"]]
+        return tuple((SHAPES.index(o["shape"]), list(COLORS).index(o["color"]) + 1 if o.get("color") else 0,
+                      o["count"], list(SIZES).index(o["size"]) + 1 if o.get("size") else 0)
+                     for o in objs[:MAX_GROUPS])
+    return ()
 
 
 def pixel_features(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -74,15 +94,21 @@ class PickScoreToy(nn.Module):
     def __init__(self, vocab: list[str], width: int = 16, text_dim: int = 32):
         super().__init__()
         self.vocab = {w: i + 1 for i, w in enumerate(vocab)}  # 0 = padding / unknown
-        n = len(vocab) + 1  # unigrams, then bigrams (which bind "red" or "two" to a shape)
+        n = len(vocab) + 1  # unigrams, then bigrams
         self.embed = nn.EmbeddingBag(n + n * n, text_dim, mode="mean", padding_idx=0)
+        # one embedding per object group: shape + colour + count + size
+        self.group_embed = nn.ModuleList(nn.Embedding(k, text_dim) for k in
+                                         (len(SHAPES), len(COLORS) + 1, 5, len(SIZES) + 1))
         w = width
         self.conv1 = nn.Conv2d(N_FEATURES, w, 3, padding=1)
         self.conv2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(2 * w, 3 * w, 3, stride=2, padding=1)
         self.conv4 = nn.Conv2d(3 * w, 4 * w, 3, stride=2, padding=1)
         self.film = nn.Linear(text_dim, 2 * (2 * w + 3 * w))
-        self.head = nn.Sequential(nn.Linear(8 * w + text_dim, 64), nn.GELU(), nn.Linear(64, 1))
+        self.keys = nn.Conv2d(3 * w, text_dim + 1, 1)  # per cell: match key, any-object density
+        self.query = nn.Linear(text_dim, text_dim)
+        self.credit = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 16))
+        self.head = nn.Sequential(nn.Linear(8 * w + text_dim + 16 + 2, 64), nn.GELU(), nn.Linear(64, 2))
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         n = len(self.vocab) + 1
@@ -92,18 +118,45 @@ class PickScoreToy(nn.Module):
         offsets = torch.tensor(np.cumsum([0] + [len(s) for s in ids[:-1]]), dtype=torch.long)
         return self.embed(flat, offsets)
 
+    def encode_groups(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Group embeddings [B, G, D], wanted counts [B, G] and mask [B, G] (G = MAX_GROUPS)."""
+        g = torch.zeros(len(prompts), MAX_GROUPS, 4, dtype=torch.long)
+        mask = torch.zeros(len(prompts), MAX_GROUPS)
+        for b, p in enumerate(prompts):
+            groups = object_groups(p)
+            if groups:
+                g[b, :len(groups)] = torch.tensor(groups)
+                mask[b, :len(groups)] = 1
+        emb = sum(e(g[..., k]) for k, e in enumerate(self.group_embed)) * mask[..., None]
+        return emb, g[..., 2].float() * mask, mask
+
+    def count_features(self, x: torch.Tensor, q: torch.Tensor, counts: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        """Sum-pooled densities of objects matching each group and of any object, against the
+        wanted counts: [B, 16 + 2]."""
+        keys = self.keys(x)
+        match = F.softplus(torch.einsum("bgd,bdhw->bghw", self.query(q), keys[:, :-1])).sum((2, 3))
+        found = F.softplus(keys[:, -1]).sum((1, 2))
+        per_group = torch.stack([match, counts, match - counts, (match - counts).abs() / counts.clamp_min(1)], -1)
+        credit = (self.credit(per_group) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        extra = found - counts.sum(1)
+        return torch.cat([credit, extra[:, None], extra.abs()[:, None]], 1)
+
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Logits [B] for images [B, 3, H, W] in [0, 1] and prompt texts."""
         if images.shape[-1] != SIZE:
             images = F.interpolate(images, size=(SIZE, SIZE), mode="area")
-        t = self.encode_text(prompts)
+        q, counts, mask = self.encode_groups(prompts)
+        t = self.encode_text(prompts) + q.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         g2, b2, g3, b3 = self.film(t).split([self.conv2.out_channels] * 2 + [self.conv3.out_channels] * 2, dim=1)
         x = F.gelu(self.conv1(pixel_features(images, prompts)))
         x = F.gelu(self.conv2(x) * (1 + g2[..., None, None]) + b2[..., None, None])
-        x = F.gelu(self.conv3(x) * (1 + g3[..., None, None]) + b3[..., None, None])
-        x = F.gelu(self.conv4(x))
-        feats = torch.cat([x.mean((2, 3)), x.amax((2, 3)), t], dim=1)
-        return self.head(feats)[:, 0]
+        x3 = F.gelu(self.conv3(x) * (1 + g3[..., None, None]) + b3[..., None, None])
+        x = F.gelu(self.conv4(x3))
+        feats = torch.cat([x.mean((2, 3)), x.amax((2, 3)), t, self.count_features(x3, q, counts, mask)], dim=1)
+        # two learned factors multiplied (an unfaithful image should not be saved by its looks)
+        log_t = F.logsigmoid(self.head(feats)).sum(1).clamp_max(-1e-6)
+        return log_t - torch.log1p(-log_t.exp())
 
 
 # ----------------------------------------------------------------------------- data
