@@ -31,6 +31,7 @@ class ToySize:
     heads: int
     head_dim: int
     latent_channels: int = 8
+    ae_downsamples: int = 2  # the latent is image_size / 2^ae_downsamples on a side
     ae_width: int = 64
     text_dim: int = 64
     text_layers: int = 2
@@ -41,6 +42,7 @@ SIZES = {
     "tiny": ToySize(layers=2, heads=2, head_dim=16, ae_width=16, text_dim=32, text_layers=1),
     "small": ToySize(layers=6, heads=4, head_dim=16),
     "base": ToySize(layers=6, heads=4, head_dim=32),
+    "small_l4": ToySize(layers=6, heads=4, head_dim=16, latent_channels=32, ae_downsamples=3),
 }
 
 
@@ -69,23 +71,20 @@ class WordTokenizer:
 
 
 class TinyAutoencoder(nn.Module):
-    """Deterministic conv autoencoder, 4x down: [B, 3, H, W] in [0, 1] <-> [B, C, H/4, W/4]."""
+    """Deterministic conv autoencoder: [B, 3, H, W] in [0, 1] <-> [B, C, H/d, W/d], d = 2^downsamples."""
 
-    def __init__(self, latent_channels: int, width: int):
+    def __init__(self, latent_channels: int, width: int, downsamples: int = 2):
         super().__init__()
         w = width
         # Full resolution only at the very first and last layer: convs at 32x32 dominate CPU time.
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, w, 4, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(w, w, 4, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(w, latent_channels, 1))
-        self.decoder = nn.Sequential(
-            nn.Conv2d(latent_channels, w, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
-            nn.ConvTranspose2d(w, w, 4, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
-            nn.ConvTranspose2d(w, 3, 4, stride=2, padding=1))
+        encoder = [nn.Conv2d(3, w, 4, stride=2, padding=1), nn.SiLU()]
+        for _ in range(downsamples - 1):
+            encoder += [nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 4, stride=2, padding=1), nn.SiLU()]
+        self.encoder = nn.Sequential(*encoder, nn.Conv2d(w, latent_channels, 1))
+        decoder = [nn.Conv2d(latent_channels, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1), nn.SiLU()]
+        for _ in range(downsamples - 1):
+            decoder += [nn.ConvTranspose2d(w, w, 4, stride=2, padding=1), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1), nn.SiLU()]
+        self.decoder = nn.Sequential(*decoder, nn.ConvTranspose2d(w, 3, 4, stride=2, padding=1))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images * 2 - 1)
@@ -124,16 +123,17 @@ class ToyFlowModel(FlowModel):
         super().__init__()
         if size not in SIZES:
             raise ValueError(f"unknown toy model size {size!r}; known sizes: {sorted(SIZES)}")
-        if image_size % 4:
-            raise ValueError(f"image_size={image_size} must be a multiple of 4 (the autoencoder downsamples 4x)")
+        self.downscale = 2 ** SIZES[size].ae_downsamples
+        if image_size % self.downscale:
+            raise ValueError(f"image_size={image_size} must be a multiple of {self.downscale} (the autoencoder's downscale)")
         if vocab is None:
             from .. import toy
             vocab = toy.vocabulary() + list(toy.GLYPHS)
         self.size_name, self.spec, self.image_size = size, SIZES[size], image_size
         self.tokenizer = WordTokenizer(vocab, self.spec.max_tokens)
         self.text_encoder = build_text_encoder(len(self.tokenizer), self.spec)
-        self.autoencoder = TinyAutoencoder(self.spec.latent_channels, self.spec.ae_width)
-        self.transformer = build_transformer(self.spec, image_size // 4)
+        self.autoencoder = TinyAutoencoder(self.spec.latent_channels, self.spec.ae_width, self.spec.ae_downsamples)
+        self.transformer = build_transformer(self.spec, image_size // self.downscale)
         # Per-channel latent statistics (SD3's shift/scaling factor): the flow sees N(0, 1)-ish latents.
         self.register_buffer("latent_mean", torch.zeros(self.spec.latent_channels))
         self.register_buffer("latent_std", torch.ones(self.spec.latent_channels))
@@ -152,7 +152,7 @@ class ToyFlowModel(FlowModel):
     # -- latents <-> images
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        side = self.image_size // 4
+        side = self.image_size // self.downscale
         return (self.spec.latent_channels, side, side)
 
     def _stats(self):
