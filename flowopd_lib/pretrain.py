@@ -49,12 +49,13 @@ class PretrainConfig(Config):
     out_dir: str = param("runs/base_toy", "run directory (model/, checkpoints/, metrics.csv)")
 
 
-def _step_generator(seed: int, step: int, phase: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_000_019 + step)
-
-
 def _batch_seed(seed: int, step: int, phase: int) -> int:
+    """The seed of one step's data and noise: a function of (run seed, step, phase) only."""
     return (seed * 1_000_003 + phase * 10_000_019 + step) % 2 ** 31
+
+
+def _step_generator(seed: int, step: int, phase: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_batch_seed(seed, step, phase))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
