@@ -49,11 +49,6 @@ def sigma_schedule(num_steps: int, shift: float = 1.0, num_train_timesteps: int 
     return torch.cat([sigmas, torch.zeros(1)])
 
 
-def timesteps_from_sigmas(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """SD3 conditions on `timestep = 1000 * sigma`."""
-    return sigmas * num_train_timesteps
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def _per_sample(value: Sigma, x: torch.Tensor) -> torch.Tensor:

@@ -21,15 +21,6 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def __getitem__(self, index) -> "PromptEmbeds":
-        return PromptEmbeds(self.tokens[index], self.pooled[index])
-
-    def repeat_interleave(self, repeats: int) -> "PromptEmbeds":
-        return PromptEmbeds(self.tokens.repeat_interleave(repeats, 0), self.pooled.repeat_interleave(repeats, 0))
-
-    def to(self, device) -> "PromptEmbeds":
-        return PromptEmbeds(self.tokens.to(device), self.pooled.to(device))
-
     @staticmethod
     def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
         return PromptEmbeds(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]))
