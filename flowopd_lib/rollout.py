@@ -83,25 +83,32 @@ def text_of(prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt.text
 
 
-def sample_noise(model: FlowModel, seeds: list[int], steps: int) -> torch.Tensor:
+def sample_noise(model: FlowModel, seeds: list[int], steps: int,
+                 initial_seeds: list[int] | None = None) -> torch.Tensor:
     """[B, steps + 1, C, h, w]: initial noise and every step's SDE noise of each sample, drawn on the
     CPU from its own seed, so a sample's trajectory does not depend on how the batch is split
-    (across minibatches or across processes)."""
+    (across minibatches or across processes). With `initial_seeds`, the initial noise comes from
+    those instead (equal seeds = samples that start from the same noise)."""
     draws = [torch.randn(steps + 1, *model.latent_shape, generator=torch.Generator().manual_seed(int(s)))
              for s in seeds]
-    return torch.stack(draws).to(model.device)
+    noise = torch.stack(draws)
+    if initial_seeds is not None:
+        noise[:, 0] = torch.stack([torch.randn(*model.latent_shape, generator=torch.Generator().manual_seed(int(s)))
+                                   for s in initial_seeds])
+    return noise.to(model.device)
 
 
 @torch.no_grad()
 def sample_trajectories(model: FlowModel, prompts: list, seeds: list[int], steps: int = 10,
                         noise_level: float = 0.7, cfg_scale: float = 1.0, shift: float = 1.0,
-                        decode: bool = True) -> Trajectories:
+                        decode: bool = True, initial_seeds: list[int] | None = None) -> Trajectories:
     """Sample one SDE trajectory per (prompt, seed) from the model's current policy (its active
-    adapter), storing states and step log-probs. CFG runs uncond + cond in one batched forward."""
+    adapter), storing states and step log-probs. CFG runs uncond + cond in one batched forward.
+    `initial_seeds` (one per sample) set the initial noise apart from the SDE noise (`sample_noise`)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per sample")
     sigmas = flow.sigma_schedule(steps, shift).to(model.device)
-    noise = sample_noise(model, seeds, steps)
+    noise = sample_noise(model, seeds, steps, initial_seeds)
     cond = model.encode_prompts([text_of(p) for p in prompts])
     uncond = model.encode_prompts([""] * len(prompts)) if cfg_scale != 1.0 else None
     x = noise[:, 0]

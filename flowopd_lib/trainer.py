@@ -56,6 +56,8 @@ class OnPolicyConfig(Config):
     train_fraction: float = param(0.9, "fraction of the T steps trained on (the first ones; 0.9 = 9 of 10)",
                                   range=(0, 1))
     noise_level: float = param(0.7, "SDE noise level a", range=(0, None))
+    shared_initial_noise: bool = param(False, "start the G trajectories of a prompt from one initial noise, so "
+                                       "their rewards differ only through the SDE steps that are trained")
     cfg_scale: float = param(1.0, "classifier-free guidance in rollouts and training (1 = off)", range=(1, None))
     shift: float = param(1.0, "timestep shift of the sampling grid (3 for SD3.5)", range=(0, None))
     prompt_root: str | None = param(None, "a Flow-GRPO dataset/ folder to train on (None = the toy world's prompts)")
@@ -169,10 +171,12 @@ class OnPolicyTrainer:
         prompts = self.prompts_for(update)
         samples = [p for p in prompts for _ in range(g)]  # sample k = prompt k // G
         seeds = [sample_seed(cfg.seed, update, 10_000 + k) for k in range(len(samples))]
+        initial = [seeds[k - k % g] for k in range(len(samples))] if cfg.shared_initial_noise else None
         block = self.local_block(len(samples))
         with adapters.active(self.model, cfg.adapter):
             return rollout.sample_trajectories(self.model, samples[block], seeds[block], cfg.sde_steps,
-                                               cfg.noise_level, cfg.cfg_scale, cfg.shift, self.decode_rollouts)
+                                               cfg.noise_level, cfg.cfg_scale, cfg.shift, self.decode_rollouts,
+                                               initial[block] if initial else None)
 
     def policy_velocity(self, traj: rollout.Trajectories, k: int) -> torch.Tensor:
         s = traj.sigmas[k].expand(len(traj))

@@ -115,6 +115,19 @@ def test_ratio_is_one_at_the_first_inner_step(tmp_path):
     assert labels["weight"].all()  # brightness always has spread
 
 
+def test_shared_initial_noise_is_shared_within_groups_only(tmp_path):
+    def starts(shared):
+        trainer = GRPOTrainer(tiny_model(), tiny_cfg(tmp_path, shared_initial_noise=shared))
+        traj = trainer.rollout(0)
+        return traj.latents[:, 0].flatten(1), traj.latents[:, 1].flatten(1)
+    x0, x1 = starts(True)  # 2 prompts x 4 samples
+    assert torch.equal(x0[0], x0[3]) and torch.equal(x0[4], x0[7]) and not torch.equal(x0[0], x0[4])
+    assert not torch.equal(x1[0], x1[1])  # the SDE steps still differ within a group
+    y0, y1 = starts(False)
+    assert not torch.equal(y0[0], y0[1])
+    assert torch.equal(x0[0], y0[0]) and torch.equal(x1[0], y1[0])  # a group's first sample is unchanged
+
+
 def test_training_moves_the_reward_and_writes_outputs(tmp_path):
     cfg = tiny_cfg(tmp_path, updates=6, lr=5e-2, beta=0.0)
     trainer = GRPOTrainer(tiny_model(), cfg)
