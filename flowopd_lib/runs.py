@@ -133,6 +133,17 @@ def write_provenance(run_dir: Path, spec: dict, overrides: dict) -> None:
                                                         default=str))
 
 
+def plan_stages(spec: dict, run_dir: Path, overrides: dict | None = None) -> list[tuple[dict, Path, dict]]:
+    """(stage, output directory, resolved parameters) of every stage; raises RunError on a bad spec."""
+    stage_dirs: dict[str, Path] = {}
+    plan = []
+    for stage in spec["stages"]:
+        out_dir = run_dir / stage["name"]
+        plan.append((stage, out_dir, stage_parameters(spec, stage, stage_dirs, out_dir, overrides or {})))
+        stage_dirs[stage["name"]] = out_dir
+    return plan
+
+
 def run(spec_path: str | Path, only: list[str] | None = None, start: str | None = None,
         overrides: dict | None = None, outputs: Path = OUTPUTS) -> Path:
     """Execute the spec's stages in order (see the module docstring); returns the run directory."""
@@ -142,12 +153,7 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
     for name in (only or []) + ([start] if start else []):
         if name not in names:
             raise RunError(f"no stage {name!r} in {spec_path}; stages: {names}")
-    stage_dirs: dict[str, Path] = {}
-    plan = []  # every stage's parameters resolved before anything runs: spec errors fail fast
-    for stage in spec["stages"]:
-        out_dir = run_dir / stage["name"]
-        plan.append((stage, out_dir, stage_parameters(spec, stage, stage_dirs, out_dir, overrides)))
-        stage_dirs[stage["name"]] = out_dir
+    plan = plan_stages(spec, run_dir, overrides)  # before anything runs: spec errors fail fast
     write_provenance(run_dir, spec, overrides)
     started = False
     for stage, out_dir, params in plan:
