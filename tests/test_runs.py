@@ -71,9 +71,4 @@ def test_spec_errors_are_caught_before_running(spec, tmp_path):
 def test_shipped_specs_plan_without_errors(path, tmp_path):
     """Every stage of the shipped specs names parameters its notebook declares and refers only to
     earlier stages (what `run` checks before executing anything)."""
-    spec = runs.load_spec(path)
-    plan = runs.plan_stages(spec, tmp_path, {})
-    assert [stage["name"] for stage, _, _ in plan] == [s["name"] for s in spec["stages"]]
-    for stage, out_dir, params in plan:
-        assert params["out_dir"] == str(out_dir)
-        assert not runs._REF.search(yaml.safe_dump(params)), f"unresolved reference in stage {stage['name']}"
+    runs.plan_stages(runs.load_spec(path), tmp_path, {})  # raises RunError naming the stage and the fault
