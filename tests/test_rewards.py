@@ -140,14 +140,16 @@ def test_pickscore_returns_proxy_and_truth():
         assert out[key].shape == (64,) and 0 <= out[key].min() and out[key].max() <= 1
     worse = rewards.score("pickscore", toy.degrade(images, seed=0, p=0.6), prompts)
     assert worse["reward"].mean() < out["reward"].mean() and worse["true"].mean() < out["true"].mean()
+    # The issue exempts the learned scorer from the 1000 images/s floor; this bound only catches
+    # a regression that would make it dominate a training step (measured ~0.1 s here).
+    scorer, batch, texts = pickscore.load(), images.repeat(4, 1, 1, 1), [p.text for p in prompts] * 4
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a busy 2-core box, one thread is the faster and steadier
     try:
-        t = min(_timed(lambda: pickscore.load()(images.repeat(4, 1, 1, 1), [p.text for p in prompts] * 4))
-                for _ in range(3))
+        t = min(_timed(lambda: scorer(batch, texts)) for _ in range(5))
     finally:
         torch.set_num_threads(threads)
-    assert t < 0.2, f"forward on 256 images took {t:.3f}s"
+    assert t < 0.5, f"forward on 256 images took {t:.3f}s"
 
 
 @pytest.mark.parametrize("name", ["geneval", "ocr", "deqa", "taste"])
