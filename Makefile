@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KERNEL := flowopd
 
-.PHONY: setup run test test-all clean
+.PHONY: setup run test test-all dryrun clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -m ""
+
+# papermill_runs/sd35m.yaml end to end on CPU with tiny stand-ins (flowopd_lib/dryrun.py), ~5 min.
+dryrun: setup
+	$(PY) -m flowopd_lib.dryrun papermill_runs/sd35m.yaml
 
 clean:
 	rm -rf runs papermill_runs/outputs .pytest_cache

@@ -13,6 +13,7 @@ The loss pieces are pure functions, tested on hand-made cases; the loop is `trai
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -108,10 +109,36 @@ class GRPOConfig(OnPolicyConfig):
 class GRPOTrainer(OnPolicyTrainer):
     cfg: GRPOConfig
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reward_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")  # in order, one at a time
+        self.pending: list[Future] = []
+
+    @property
+    def label_forwards_per_sample(self) -> int:
+        return self.cfg.trained_steps if self.cfg.beta > 0 else 0  # reference velocities for the KL
+
+    def score(self, part: rollout.Trajectories) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        routing = self.cfg.task_rewards if self.cfg.reward_routing == "task" else None
+        return combined_rewards(part.images.detach(), part.prompts, self.cfg.rewards, routing)
+
+    def sampled(self, part: rollout.Trajectories) -> None:
+        self.pending.append(self.reward_worker.submit(self.score, part))
+
+    def rewards_of(self, traj: rollout.Trajectories) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rewards [B] of `traj`: the sub-batches scored on the worker thread while `rollout`
+        sampled it, in order (or scored now, for trajectories that did not come from `rollout`)."""
+        if not self.pending:
+            return self.score(traj)
+        results, self.pending = [f.result() for f in self.pending], []
+        total = torch.cat([t for t, _ in results])
+        if len(total) != len(traj):
+            raise RuntimeError(f"{len(total)} scored samples for a rollout of {len(traj)}: label() must follow rollout()")
+        return total, {name: torch.cat([per_name[name] for _, per_name in results]) for name in results[0][1]}
+
     def label(self, traj: rollout.Trajectories, update: int):
         cfg, acc = self.cfg, self.acc
-        routing = cfg.task_rewards if cfg.reward_routing == "task" else None
-        total, per_name = combined_rewards(traj.images, traj.prompts, cfg.rewards, routing)
+        total, per_name = self.rewards_of(traj)
         all_rewards = acc.gather(total.to(acc.device)) if acc.num_processes > 1 else total
         adv, keep = group_advantages(all_rewards.cpu(), cfg.group_size, cfg.std_mode, cfg.advantage_clip)
         block = self.local_block(len(all_rewards))

@@ -168,6 +168,12 @@ class OPDTrainer(OnPolicyTrainer):
                    for t, w in weights.items())
 
     # -- labels: teacher/anchor velocities at the stored states, per-step KLs, advantages
+    @property
+    def label_forwards_per_sample(self) -> int:
+        cfg = self.cfg
+        teacher = cfg.sde_steps if cfg.objective in ("kl_rtg", "pg_logratio") else cfg.trained_steps
+        return teacher + (cfg.trained_steps if cfg.mar_lambda > 0 else 0)
+
     def label(self, traj: rollout.Trajectories, update: int):
         cfg = self.cfg
         needs_all_steps = cfg.objective in ("kl_rtg", "pg_logratio")

@@ -79,6 +79,18 @@ class Trajectories:
                             self.velocities[index], self.sigmas, pick(self.cond), pick(self.uncond), images)
 
 
+def concat(parts: list[Trajectories]) -> Trajectories:
+    """Sub-batches sampled one after the other (same sigmas) as one batch, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda xs: torch.cat(xs)  # noqa: E731
+    embeds = lambda es: None if es[0] is None else PromptEmbeds(cat([e.tokens for e in es]), cat([e.pooled for e in es]))  # noqa: E731
+    return Trajectories([p for t in parts for p in t.prompts], cat([t.latents for t in parts]),
+                        cat([t.log_probs for t in parts]), cat([t.velocities for t in parts]), parts[0].sigmas,
+                        embeds([t.cond for t in parts]), embeds([t.uncond for t in parts]),
+                        None if parts[0].images is None else cat([t.images for t in parts]))
+
+
 def text_of(prompt) -> str:
     return prompt if isinstance(prompt, str) else prompt.text
 

@@ -19,6 +19,7 @@ global counts and gradients summed across processes).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 import zlib
@@ -65,8 +66,13 @@ class OnPolicyConfig(Config):
                                "rapidocr, pickscore_v1, deqa_server)",
                                default_factory=lambda: {"geneval": "geneval", "ocr": "ocr", "pickscore": "pickscore",
                                                         "deqa": "deqa"})
+    rollout_chunks: int = param(1, "sample each process's trajectories in this many sub-batches, one after the "
+                                "other (bounds GPU memory); GRPO scores a sub-batch on a worker thread while "
+                                "the next one samples, as Flow-GRPO does", range=(1, None))
     minibatches: int = param(2, "optimizer steps per inner epoch (samples split into this many minibatches)",
                              range=(1, None))
+    micro_batch: int | None = param(None, "samples per forward/backward inside a minibatch (gradient accumulation "
+                                    "bounds GPU memory; None = the whole minibatch at once)", range=(1, None))
     inner_epochs: int = param(1, "passes over each update's samples", range=(1, None))
     lr: float = param(1e-3, "AdamW learning rate (constant, so resumed runs match)", range=(0, 1))
     weight_decay: float = param(1e-4, "AdamW weight decay", range=(0, 1))
@@ -172,11 +178,21 @@ class OnPolicyTrainer:
         samples = [p for p in prompts for _ in range(g)]  # sample k = prompt k // G
         seeds = [sample_seed(cfg.seed, update, 10_000 + k) for k in range(len(samples))]
         initial = [seeds[k - k % g] for k in range(len(samples))] if cfg.shared_initial_noise else None
-        block = self.local_block(len(samples))
+        block = range(len(samples))[self.local_block(len(samples))]
+        parts = []
         with adapters.active(self.model, cfg.adapter):
-            return rollout.sample_trajectories(self.model, samples[block], seeds[block], cfg.sde_steps,
-                                               cfg.noise_level, cfg.cfg_scale, cfg.shift, self.decode_rollouts,
-                                               initial[block] if initial else None)
+            for chunk in np.array_split(np.asarray(block), min(cfg.rollout_chunks, len(block))):
+                chunk = chunk.tolist()
+                parts.append(rollout.sample_trajectories(
+                    self.model, [samples[i] for i in chunk], [seeds[i] for i in chunk], cfg.sde_steps,
+                    cfg.noise_level, cfg.cfg_scale, cfg.shift, self.decode_rollouts,
+                    [initial[i] for i in chunk] if initial else None))
+                self.sampled(parts[-1])
+        return rollout.concat(parts)
+
+    def sampled(self, part: rollout.Trajectories) -> None:
+        """Called after each rollout sub-batch is sampled, before the next one starts (GRPO
+        submits its rewards here, so they overlap the sampling of the next sub-batch)."""
 
     def policy_velocity(self, traj: rollout.Trajectories, k: int) -> torch.Tensor:
         s = traj.sigmas[k].expand(len(traj))
@@ -210,13 +226,14 @@ class OnPolicyTrainer:
                     norm = self.global_sum(weight.sum().to(self.acc.device)) * cfg.trained_steps
                     self.opt.zero_grad(set_to_none=False)
                     if norm > 0:
-                        part = traj.select(index)
-                        lab = {k: v[index] for k, v in labels.items()}
-                        for k in range(cfg.trained_steps):
-                            loss, metrics = self.step_loss(part, lab, k, self.policy_velocity(part, k))
-                            (loss * weight).sum().div(norm).backward()
-                            for name, value in {"loss": loss, **metrics}.items():
-                                sums[name] = sums.get(name, 0) + (value.detach() * weight).sum()
+                        for sub in index.split(cfg.micro_batch or max(1, len(index))):  # gradient accumulation
+                            part, w = traj.select(sub), labels["weight"][sub]
+                            lab = {k: v[sub] for k, v in labels.items()}
+                            for k in range(cfg.trained_steps):
+                                loss, metrics = self.step_loss(part, lab, k, self.policy_velocity(part, k))
+                                (loss * w).sum().div(norm).backward()
+                                for name, value in {"loss": loss, **metrics}.items():
+                                    sums[name] = sums.get(name, 0) + (value.detach() * w).sum()
                         count += weight.sum() * cfg.trained_steps
                     self.all_reduce_grads()
                     grad_norms.append(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip).item())
@@ -311,6 +328,21 @@ class OnPolicyTrainer:
         self.acc.wait_for_everyone()
         return directory
 
+    label_forwards_per_sample = 0  # transformer forwards `label` makes per sample (subclasses)
+
+    def print_estimate(self) -> None:
+        """Memory and time this run will need (estimate.py), printed and saved as estimate.json."""
+        from dataclasses import asdict
+
+        from .estimate import estimate
+
+        with adapters.active(self.model, self.cfg.adapter):
+            result = estimate(self.model, self.cfg, self.acc.num_processes, self.params, self.label_forwards_per_sample)
+        print(result)
+        out = Path(self.cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "estimate.json").write_text(json.dumps(asdict(result), indent=1))
+
     def train(self, resume: bool = True) -> dict[str, float]:
         """Run updates until `cfg.updates` or the time budget; returns the last metrics (with eval)."""
         cfg = self.cfg
@@ -319,6 +351,8 @@ class OnPolicyTrainer:
             if self.acc.is_main_process:
                 print(f"resumed from {last} (update {self.update})")
         metrics: dict[str, float] = {}
+        if self.acc.is_main_process:
+            self.print_estimate()
         t_start = time.time()
         with Run(cfg.out_dir, cfg, resume=resume, is_main_process=self.acc.is_main_process) as run:
             bar = tqdm(range(self.update, cfg.updates), initial=self.update, total=cfg.updates,

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,39 @@ def test_shared_initial_noise_is_shared_within_groups_only(tmp_path):
     y0, y1 = starts(False)
     assert not torch.equal(y0[0], y0[1])
     assert torch.equal(x0[0], y0[0]) and torch.equal(x1[0], y1[0])  # a group's first sample is unchanged
+
+
+def test_chunked_rollout_scores_on_a_worker_thread_and_equals_one_batch(tmp_path):
+    threads = []
+
+    def recording_brightness(images, prompts):
+        threads.append(threading.current_thread().name)
+        return _brightness(images, prompts)
+
+    rewards.register("test_recording_brightness", recording_brightness)
+    results = {}
+    for chunks in (1, 3):
+        trainer = GRPOTrainer(tiny_model(), tiny_cfg(tmp_path, rewards={"test_recording_brightness": 1.0},
+                                                     rollout_chunks=chunks))
+        traj = trainer.rollout(0)
+        results[chunks] = traj, trainer.label(traj, 0)
+    assert threads[1:] == ["reward_0"] * 3 and threads[0] == "reward_0"  # 1 + 3 sub-batches, off the main thread
+    (one, (labels_one, metrics_one)), (three, (labels_three, metrics_three)) = results[1], results[3]
+    assert three.prompts == one.prompts
+    torch.testing.assert_close(three.latents, one.latents, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(three.images, one.images, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(labels_three["advantage"], labels_one["advantage"], atol=1e-4, rtol=1e-4)
+    assert metrics_three["reward"] == pytest.approx(metrics_one["reward"], abs=1e-6)
+
+
+def test_micro_batches_accumulate_to_the_same_update(tmp_path):
+    params = {}
+    for micro in (None, 3):
+        trainer = GRPOTrainer(tiny_model(), tiny_cfg(tmp_path, micro_batch=micro, beta=0.04))
+        metrics = trainer.run_update(0)
+        params[micro] = torch.cat([p.detach().flatten() for p in trainer.params]), metrics["loss"]
+    torch.testing.assert_close(params[3][0], params[None][0], atol=1e-5, rtol=1e-4)  # Adam at lr 3e-2 amplifies float noise
+    assert params[3][1] == pytest.approx(params[None][1], rel=1e-4, abs=1e-7)
 
 
 def test_training_moves_the_reward_and_writes_outputs(tmp_path):

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from flowopd_lib import rewards, toy
 from flowopd_lib.rewards.real import (AsyncScorer, DeQAServer, GenEvalServer, PickScoreV1, RewardServerError,
                                       restricted_loads)
+from flowopd_lib.rewards.real.pickscore_v1 import tiny_clip
 
 
 # ----------------------------------------------------------------------------- rapidocr
@@ -49,27 +50,6 @@ def test_rapidocr_needs_quoted_text():
 
 
 # ----------------------------------------------------------------------------- pickscore_v1
-
-def tiny_clip():
-    """A random CLIPModel (32 px images, 16-dim embeddings) and a CLIPProcessor, built offline."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from flowopd_lib.models.sd3 import _tiny_clip_tokenizer
-
-    tokenizer = _tiny_clip_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
-                           num_attention_heads=2, num_hidden_layers=2),
-        projection_dim=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(config).eval()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
 
 PROMPTS = ["a red cat", "a square", toy.Prompt("a red square", "pickscore", {})]
 

@@ -84,11 +84,13 @@ class SD3FlowModel(FlowModel):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str = SD35_MEDIUM_ID, dtype: torch.dtype = torch.bfloat16,
-                        device: str | torch.device | None = None, resolution: int = SD35_MEDIUM_RESOLUTION,
+                        device: str | torch.device | None = None, resolution: int | None = None,
                         gradient_checkpointing: bool = False, load_t5: bool = True,
                         max_sequence_length: int = 256) -> "SD3FlowModel":
         """Load SD3(.5) weights (a hub id or a `save_pretrained` directory) in `dtype`; the VAE is
-        kept in float32 as in Flow-GRPO. `load_t5=False` skips the 4.7B-parameter T5-XXL."""
+        kept in float32 as in Flow-GRPO. `load_t5=False` skips the 4.7B-parameter T5-XXL.
+        resolution defaults to the pipeline's native size capped at 512 (Flow-GRPO trains and
+        evaluates SD3.5-M at 512; a smaller pipeline, e.g. a tiny stand-in, keeps its own size)."""
         from diffusers import StableDiffusion3Pipeline
 
         without_t5 = {} if load_t5 else {"text_encoder_3": None, "tokenizer_3": None}
@@ -98,7 +100,8 @@ class SD3FlowModel(FlowModel):
             pipeline.to(device)
         if gradient_checkpointing:
             pipeline.transformer.enable_gradient_checkpointing()
-        return cls.from_pipeline(pipeline, resolution, max_sequence_length)
+        native = pipeline.default_sample_size * pipeline.vae_scale_factor
+        return cls.from_pipeline(pipeline, resolution or min(native, SD35_MEDIUM_RESOLUTION), max_sequence_length)
 
     # -- prompts
     def _encode_uncached(self, texts: list[str]) -> PromptEmbeds:

@@ -37,6 +37,7 @@ class ToySize:
     text_layers: int = 2
     max_tokens: int = 16
     qk_norm: str | None = None  # "rms_norm" normalises queries/keys (SD3.5's choice; allows a higher lr)
+    patch_size: int = 1  # 2: a token per 2x2 latent patch, 4x fewer tokens (SD3 uses 2 on its latent)
 
 
 SIZES = {
@@ -44,6 +45,7 @@ SIZES = {
     "small": ToySize(layers=6, heads=4, head_dim=16, qk_norm="rms_norm"),
     "base": ToySize(layers=6, heads=4, head_dim=32),
     "small_l4": ToySize(layers=6, heads=4, head_dim=16, latent_channels=32, ae_downsamples=3),
+    "wide_p2": ToySize(layers=6, heads=6, head_dim=16, qk_norm="rms_norm", patch_size=2),
 }
 
 
@@ -110,11 +112,11 @@ def build_transformer(size: ToySize, latent_size: int):
     from diffusers import SD3Transformer2DModel
 
     inner = size.heads * size.head_dim
-    return SD3Transformer2DModel(sample_size=latent_size, patch_size=1, in_channels=size.latent_channels,
+    return SD3Transformer2DModel(sample_size=latent_size, patch_size=size.patch_size, in_channels=size.latent_channels,
                                  out_channels=size.latent_channels, num_layers=size.layers,
                                  attention_head_dim=size.head_dim, num_attention_heads=size.heads,
                                  joint_attention_dim=size.text_dim, caption_projection_dim=inner,
-                                 pooled_projection_dim=size.text_dim, pos_embed_max_size=latent_size,
+                                 pooled_projection_dim=size.text_dim, pos_embed_max_size=latent_size // size.patch_size,
                                  qk_norm=size.qk_norm)
 
 

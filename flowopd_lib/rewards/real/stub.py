@@ -1,0 +1,89 @@
+"""Loopback stand-ins for Flow-GRPO's GenEval and DeQA reward servers, judging with the toy scorers.
+
+They speak the protocol of `server.py` (POST a pickle of JPEG images [+ GenEval metadata], get a
+pickle of scores back), so a run wired for real servers runs unchanged on a CPU: the dry run of
+`papermill_runs/sd35m.yaml` (`flowopd_lib.dryrun`) starts them and points FLOWOPD_GENEVAL_URL /
+FLOWOPD_DEQA_URL at them. The answers are the toy world's detector and quality score, so they
+are meaningful only on toy-like images; what the stand-ins test is the wiring, not SD3.5-M.
+
+    with toy_reward_servers() as urls:   # {"geneval": "http://127.0.0.1:PORT", "deqa": ...}
+        ...
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import pickle
+import threading
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...toy.grammar import Prompt
+from .. import deqa, geneval
+from .server import DEQA_MAX_SCORE
+
+
+def decode_images(request: dict) -> torch.Tensor:
+    """The request's JPEGs as float [B, 3, H, W] in [0, 1]."""
+    arrays = [np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")) for jpeg in request["images"]]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def geneval_answer(request: dict) -> dict:
+    """GenEval server response: partial credit, strict correctness and per-tag groups."""
+    metadata = request["meta_datas"]
+    prompts = [Prompt(m.get("prompt", ""), "geneval", m) for m in metadata]
+    out = geneval.score(decode_images(request), prompts)
+    scores, strict = out["reward"].tolist(), out["strict"].tolist()
+    groups, strict_groups = collections.defaultdict(list), collections.defaultdict(list)
+    for m, s, c in zip(metadata, scores, strict):
+        groups[m["tag"]].append(s)
+        strict_groups[m["tag"]].append(c)
+    return {"scores": scores, "rewards": strict, "strict_rewards": strict,
+            "group_rewards": dict(groups), "group_strict_rewards": dict(strict_groups)}
+
+
+def deqa_answer(request: dict) -> dict:
+    """DeQA server response: the quality score / 5."""
+    return {"outputs": (deqa.score(decode_images(request))["reward"] / DEQA_MAX_SCORE).tolist()}
+
+
+def serve(answer: Callable[[dict], dict]) -> ThreadingHTTPServer:
+    """Start a loopback server on a free port (daemon thread); errors answer 500 with the traceback."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            try:
+                request = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))  # our own client
+                status, body = 200, pickle.dumps(answer(request))
+            except Exception:
+                status, body = 500, traceback.format_exc().encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    return server
+
+
+@contextlib.contextmanager
+def toy_reward_servers() -> Iterator[dict[str, str]]:
+    """GenEval and DeQA stand-in servers for the duration of the block; yields their URLs."""
+    servers = {"geneval": serve(geneval_answer), "deqa": serve(deqa_answer)}
+    try:
+        yield {name: f"http://127.0.0.1:{s.server_address[1]}" for name, s in servers.items()}
+    finally:
+        for s in servers.values():
+            s.shutdown()
+            s.server_close()
