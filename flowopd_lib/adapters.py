@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
+PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME = "adapter_config.json", "adapter_model.safetensors"  # peft's folder
 # Flow-GRPO's LoRA targets on SD3: attention q/k/v/out of the image stream and of the text stream.
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
@@ -165,10 +166,15 @@ def save(model, name: str, directory: str | Path, metadata: dict | None = None) 
 
 
 def load(model, directory: str | Path, name: str | None = None) -> str:
-    """Load an adapter saved by `save` (or any diffusers LoRA file) under `name`; returns the name."""
+    """Load an adapter under `name` and return the name: one saved by `save` (or any diffusers LoRA
+    file), or a peft folder (adapter_config.json + adapter_model.safetensors), the format of
+    Flow-GRPO's released LoRAs (`jieliu/SD3.5M-FlowGRPO-GenEval`, `-Text`, `-PickScore`)."""
     directory = Path(directory)
+    if (directory / PEFT_CONFIG_NAME).exists() and not (directory / WEIGHT_NAME).exists():
+        return load_peft_folder(model, directory, name or directory.name)
     if not (directory / WEIGHT_NAME).exists():
-        raise FileNotFoundError(f"{directory} has no {WEIGHT_NAME}; save adapters with adapters.save")
+        raise FileNotFoundError(f"{directory} has neither {WEIGHT_NAME} (adapters.save, diffusers) nor "
+                                f"{PEFT_CONFIG_NAME} (a peft folder, e.g. Flow-GRPO's released LoRAs)")
     info_path = directory / "adapter.json"
     name = name or (json.loads(info_path.read_text())["name"] if info_path.exists() else directory.name)
     if name in names(model):
@@ -177,6 +183,25 @@ def load(model, directory: str | Path, name: str | None = None) -> str:
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         model.transformer.load_lora_adapter(str(directory), weight_name=WEIGHT_NAME, adapter_name=name,
                                             prefix="transformer")
+    parameters(model, name, trainable=False)
+    return name
+
+
+def load_peft_folder(model, directory: Path, name: str) -> str:
+    """A folder written by peft's `PeftModel.save_pretrained` on the transformer (what
+    `PeftModel.from_pretrained(pipeline.transformer, directory)` loads) as the adapter `name`."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if name in names(model):
+        raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
+    config = LoraConfig.from_pretrained(str(directory))
+    model.transformer.add_adapter(config, adapter_name=name)
+    state = load_file(directory / PEFT_WEIGHT_NAME)
+    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    result = set_peft_model_state_dict(model.transformer, state, adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        raise KeyError(f"{directory}: weights for modules this transformer lacks, e.g. {result.unexpected_keys[:3]}")
     parameters(model, name, trainable=False)
     return name
 

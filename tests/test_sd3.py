@@ -163,6 +163,34 @@ def test_lora_changes_velocity_disables_exactly_and_round_trips(tmp_path):
         assert torch.equal(loaded.velocity(x, sigma, loaded.encode_prompts(PROMPTS)), adapted)
 
 
+def test_flow_grpo_style_peft_folder_loads_as_peft_loads_it(pipe, tmp_path):
+    """Flow-GRPO's released LoRAs are peft folders read by PeftModel.from_pretrained(transformer, dir)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(adapters.LORA_TARGETS), init_lora_weights="gaussian")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        released = get_peft_model(tiny_sd3_pipeline().transformer, config)
+        for name, p in released.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)  # peft starts B at zero: make the adapter change outputs
+    released.save_pretrained(tmp_path / "SD3.5M-FlowGRPO-GenEval")
+    reference = PeftModel.from_pretrained(tiny_sd3_pipeline().transformer, tmp_path / "SD3.5M-FlowGRPO-GenEval")
+
+    ours = SD3FlowModel.from_pipeline(tiny_sd3_pipeline())
+    assert adapters.load(ours, tmp_path / "SD3.5M-FlowGRPO-GenEval", "geneval") == "geneval"
+    x, sigma = velocity_inputs(ours)
+    embeds = ours.encode_prompts(PROMPTS)
+    with torch.no_grad(), adapters.active(ours, "geneval"):
+        adapted = ours.velocity(x, sigma, embeds)
+        expected = reference(hidden_states=x, encoder_hidden_states=embeds.tokens, pooled_projections=embeds.pooled,
+                             timestep=1000 * sigma, return_dict=False)[0]
+    with torch.no_grad(), adapters.active(ours, None):
+        base = ours.velocity(x, sigma, embeds)
+    assert (adapted - base).abs().max() > 1e-3
+    torch.testing.assert_close(adapted, expected)
+
+
 def test_from_pretrained_loads_a_saved_pipeline(pipe, model, tmp_path):
     pipe.save_pretrained(tmp_path / "sd3")
     loaded = SD3FlowModel.from_pretrained(tmp_path / "sd3", dtype=torch.float32, resolution=32)
