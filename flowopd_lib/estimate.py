@@ -3,7 +3,8 @@
     parameters   base model and trained adapter (count, memory), AdamW + EMA state of the adapter
     activations  of one backward pass: samples per forward/backward x tokens x width x layers x
                  34 bytes (Korthikanti et al. 2022, 16-bit, attention without stored scores;
-                 doubled in float32, doubled again with CFG); gradient checkpointing cuts it
+                 doubled in float32, doubled again with CFG); with gradient checkpointing one block's
+                 activations plus every block's input
     rollout      the stored trajectories (states and velocities) of one update
     time         one update, from a timed transformer forward times the forwards an update makes
 
@@ -47,7 +48,7 @@ class Estimate:
             f"  trained adapter   {self.adapter_params / 1e6:,.2f}M parameters, {gib(self.adapter_bytes)} "
             f"(+ AdamW and EMA state {gib(self.optimizer_bytes)})",
             f"  activations       {gib(self.activation_bytes)} for {self.samples_per_backward} samples x "
-            f"{self.tokens} tokens per backward (micro_batch sets the samples; gradient checkpointing cuts it)",
+            f"{self.tokens} tokens per backward (micro_batch sets the samples; gradient_checkpointing cuts it)",
             f"  rollout storage   {gib(self.rollout_bytes)} for {self.samples_per_process} trajectories",
             f"  time              ~{self.update_seconds:.1f} s per update ({self.forwards_per_update} sample-forwards "
             f"at {1e3 * self.forward_seconds_per_sample:.2f} ms each, measured here)",
@@ -91,8 +92,11 @@ def estimate(model: FlowModel, cfg, num_processes: int, trainable: list[torch.nn
     guidance = 2 if cfg.cfg_scale != 1.0 else 1
     samples = cfg.prompts_per_update * cfg.group_size // num_processes
     per_backward = cfg.micro_batch or math.ceil(samples / cfg.minibatches)
-    activation = (per_backward * guidance * tokens * width * config.num_layers
-                  * ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER * dtype_bytes // 2)
+    # with checkpointing, each block keeps only its input, and one block at a time is recomputed
+    stored_layers = 1 if cfg.gradient_checkpointing else config.num_layers
+    activation = per_backward * guidance * tokens * width * dtype_bytes * (
+        stored_layers * ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER // 2
+        + (config.num_layers if cfg.gradient_checkpointing else 0))
     latent = math.prod(model.latent_shape) * 4
     rollout = samples * (2 * cfg.sde_steps + 1) * latent
     all_params = list(model.parameters())

@@ -24,6 +24,8 @@ def test_estimate_counts_and_scales(tmp_path):
     assert small.tokens == 8 * 8 + 16  # tiny: 8x8 latent at patch 1, 16 text tokens
     big = estimate(trainer.model, config(tmp_path, micro_batch=4, cfg_scale=2.0), 1, trainer.params, 4)
     assert big.activation_bytes == 2 * 2 * small.activation_bytes  # twice the samples, CFG doubles the batch
+    saved = estimate(trainer.model, config(tmp_path, micro_batch=2, gradient_checkpointing=True), 1, trainer.params, 0)
+    assert saved.activation_bytes < small.activation_bytes / 1.5  # tiny has 2 layers: 17+2 vs 34 units
     two = estimate(trainer.model, trainer.cfg, 2, trainer.params, trainer.label_forwards_per_sample)
     assert two.samples_per_process == 4 and two.forwards_per_update == small.forwards_per_update // 2
 

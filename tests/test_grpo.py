@@ -152,14 +152,16 @@ def test_chunked_rollout_scores_on_a_worker_thread_and_equals_one_batch(tmp_path
     assert metrics_three["reward"] == pytest.approx(metrics_one["reward"], abs=1e-6)
 
 
-def test_micro_batches_accumulate_to_the_same_update(tmp_path):
+def test_micro_batches_and_checkpointing_give_the_same_update(tmp_path):
     params = {}
-    for micro in (None, 3):
-        trainer = GRPOTrainer(tiny_model(), tiny_cfg(tmp_path, micro_batch=micro, beta=0.04))
+    for variant in ({}, {"micro_batch": 3}, {"gradient_checkpointing": True}):
+        trainer = GRPOTrainer(tiny_model(), tiny_cfg(tmp_path, beta=0.04, **variant))
         metrics = trainer.run_update(0)
-        params[micro] = torch.cat([p.detach().flatten() for p in trainer.params]), metrics["loss"]
-    torch.testing.assert_close(params[3][0], params[None][0], atol=1e-5, rtol=1e-4)  # Adam at lr 3e-2 amplifies float noise
-    assert params[3][1] == pytest.approx(params[None][1], rel=1e-4, abs=1e-7)
+        params[str(variant)] = torch.cat([p.detach().flatten() for p in trainer.params]), metrics["loss"]
+    (reference, loss), *others = params.values()
+    for other, other_loss in others:
+        torch.testing.assert_close(other, reference, atol=1e-5, rtol=1e-4)  # Adam at lr 3e-2 amplifies float noise
+        assert other_loss == pytest.approx(loss, rel=1e-4, abs=1e-7)
 
 
 def test_training_moves_the_reward_and_writes_outputs(tmp_path):
