@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 
 import numpy as np
@@ -20,6 +19,7 @@ from flowopd_lib import rewards, toy
 from flowopd_lib.rewards.real import (AsyncScorer, DeQAServer, GenEvalServer, PickScoreV1, RewardServerError,
                                       restricted_loads)
 from flowopd_lib.rewards.real.pickscore_v1 import tiny_clip
+from flowopd_lib.rewards.real.stub import serve
 
 
 # ----------------------------------------------------------------------------- rapidocr
@@ -94,21 +94,11 @@ def stub_server(respond):
     Yields its URL and the list of requests it received (unpickled: the test trusts its client)."""
     received = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(pickle.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            status, body = respond(received[-1], len(received))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def record(request):
+        received.append(request)
+        return respond(request, len(received))
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.handle_error = lambda request, address: None  # a client that timed out closed its socket
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = serve(record)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", received
     finally:

@@ -54,14 +54,15 @@ def deqa_answer(request: dict) -> dict:
     return {"outputs": (deqa.score(decode_images(request))["reward"] / DEQA_MAX_SCORE).tolist()}
 
 
-def serve(answer: Callable[[dict], dict]) -> ThreadingHTTPServer:
-    """Start a loopback server on a free port (daemon thread); errors answer 500 with the traceback."""
+def serve(respond: Callable[[dict], tuple[int, bytes]]) -> ThreadingHTTPServer:
+    """Start a loopback server on a free port (daemon thread): each POST's unpickled request goes
+    to `respond(request) -> (status, body)`; an exception there answers 500 with the traceback."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             try:
                 request = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))  # our own client
-                status, body = 200, pickle.dumps(answer(request))
+                status, body = respond(request)
             except Exception:
                 status, body = 500, traceback.format_exc().encode()
             self.send_response(status)
@@ -73,14 +74,19 @@ def serve(answer: Callable[[dict], dict]) -> ThreadingHTTPServer:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    server.handle_error = lambda request, address: None  # a client that timed out closed its socket
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server
+
+
+def answering(answer: Callable[[dict], dict]) -> Callable[[dict], tuple[int, bytes]]:
+    return lambda request: (200, pickle.dumps(answer(request)))
 
 
 @contextlib.contextmanager
 def toy_reward_servers() -> Iterator[dict[str, str]]:
     """GenEval and DeQA stand-in servers for the duration of the block; yields their URLs."""
-    servers = {"geneval": serve(geneval_answer), "deqa": serve(deqa_answer)}
+    servers = {"geneval": serve(answering(geneval_answer)), "deqa": serve(answering(deqa_answer))}
     try:
         yield {name: f"http://127.0.0.1:{s.server_address[1]}" for name, s in servers.items()}
     finally:
