@@ -20,7 +20,10 @@ run is repeated; an interrupted stage re-runs and its trainer resumes from its c
 failing stage stops the run naming the notebook, the cell and the error; everything produced so
 far stays. The run directory also holds the spec, the git commit and package versions.
 
-    python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value]
+    python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N]
+
+`--jobs N` runs up to N stages at once, each as soon as the stages it refers to are done (the
+teachers side by side, then the stages that consume them), with cores / N threads each.
 """
 from __future__ import annotations
 
@@ -145,7 +148,7 @@ def plan_stages(spec: dict, run_dir: Path, overrides: dict | None = None) -> lis
 
 
 def run(spec_path: str | Path, only: list[str] | None = None, start: str | None = None,
-        overrides: dict | None = None, outputs: Path = OUTPUTS) -> Path:
+        overrides: dict | None = None, outputs: Path = OUTPUTS, jobs: int = 1, print_summary: bool = True) -> Path:
     """Execute the spec's stages in order (see the module docstring); returns the run directory."""
     spec, overrides = load_spec(spec_path), overrides or {}
     run_dir = outputs / spec["name"]
@@ -155,7 +158,7 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
             raise RunError(f"no stage {name!r} in {spec_path}; stages: {names}")
     plan = plan_stages(spec, run_dir, overrides)  # before anything runs: spec errors fail fast
     write_provenance(run_dir, spec, overrides)
-    started = False
+    started, todo = False, []
     for stage, out_dir, params in plan:
         started = started or start is None or stage["name"] == start
         selected = started and (not only or stage["name"] in only)
@@ -163,16 +166,63 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
         if not selected or (done.exists() and not only and start is None):
             print(f"[{spec['name']}] {stage['name']}: {'done, skipped' if done.exists() else 'not selected'}")
             continue
-        done.unlink(missing_ok=True)
-        t0 = time.time()
-        print(f"[{spec['name']}] {stage['name']}: running {stage['notebook']} -> {out_dir}", flush=True)
-        run_stage(stage, params, out_dir)
-        done.write_text(f"{time.time() - t0:.1f} s\n")
-        print(f"[{spec['name']}] {stage['name']}: finished in {time.time() - t0:.0f} s", flush=True)
+        todo.append((stage, out_dir, params))
+    if jobs > 1 and len(todo) > 1:
+        run_parallel(spec_path, spec, todo, overrides, outputs, jobs)
+    else:
+        for stage, out_dir, params in todo:
+            execute_stage(spec["name"], stage, params, out_dir)
     summary = run_dir / spec.get("summary", "summary") / "main_table.md"
-    if summary.exists():
+    if summary.exists() and print_summary:
         print(f"\nsummary: {summary}\n\n{summary.read_text()}")
     return run_dir
+
+
+def execute_stage(run_name: str, stage: dict, params: dict, out_dir: Path) -> None:
+    done = out_dir / ".done"
+    done.unlink(missing_ok=True)
+    t0 = time.time()
+    print(f"[{run_name}] {stage['name']}: running {stage['notebook']} -> {out_dir}", flush=True)
+    run_stage(stage, params, out_dir)
+    done.write_text(f"{time.time() - t0:.1f} s\n")
+    print(f"[{run_name}] {stage['name']}: finished in {time.time() - t0:.0f} s", flush=True)
+
+
+def dependencies(stage: dict) -> set[str]:
+    """Names of the stages whose outputs `stage` refers to (`{name}` in its parameters)."""
+    return set(_REF.findall(json.dumps(stage.get("parameters", {}))))
+
+
+def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict, outputs: Path, jobs: int) -> None:
+    """Run the stages in `todo` up to `jobs` at a time, each as soon as the stages it refers to
+    have finished, in child runners (`--only`) whose kernels get cpu_count // jobs threads."""
+    import os
+    import subprocess
+
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    waiting = [stage for stage, _, _ in todo]
+    deps = {s["name"]: dependencies(s) & {w["name"] for w in waiting} for s in waiting}
+    flags = [f for k, v in overrides.items() for f in ("-p", f"{k}={json.dumps(v)}")]
+    running: dict[str, subprocess.Popen] = {}
+    finished: set[str] = set()
+    failed: list[str] = []
+    while (waiting and not failed) or running:
+        for stage in [s for s in waiting if deps[s["name"]] <= finished][: jobs - len(running)]:
+            if failed:
+                break
+            command = [sys.executable, "-m", "flowopd_lib.runs", str(spec_path), "--only", stage["name"],
+                       "--outputs", str(outputs), "--no-summary", *flags]
+            running[stage["name"]] = subprocess.Popen(command, env=env)
+            waiting.remove(stage)
+        time.sleep(0.5)
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                (finished.add(name) if process.returncode == 0 else failed.append(name))
+    if failed:
+        raise RunError(f"stage(s) {failed} failed (the error is printed above and in "
+                       f"{outputs / spec['name']}/<stage>/log.txt); not started: {[s['name'] for s in waiting]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,9 +232,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from", dest="start", help="re-run from this stage on")
     parser.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a shared parameter in every stage that declares it")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run up to this many independent stages at once (each with cores / jobs threads)")
+    parser.add_argument("--outputs", type=Path, default=OUTPUTS, help="where run directories go")
+    parser.add_argument("--no-summary", dest="print_summary", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        sys.exit(f"error: --jobs {args.jobs}: give 1 or more")
     try:
-        run(args.spec, args.only, args.start, dict(parse_override(o) for o in args.overrides))
+        run(args.spec, args.only, args.start, dict(parse_override(o) for o in args.overrides), args.outputs,
+            args.jobs, args.print_summary)
     except RunError as err:
         sys.exit(f"error: {err}")
 

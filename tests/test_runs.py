@@ -72,3 +72,23 @@ def test_shipped_specs_plan_without_errors(path, tmp_path):
     """Every stage of the shipped specs names parameters its notebook declares and refers only to
     earlier stages (what `run` checks before executing anything)."""
     runs.plan_stages(runs.load_spec(path), tmp_path, {})  # raises RunError naming the stage and the fault
+
+
+def test_parallel_jobs_start_a_stage_only_after_the_stages_it_consumes(spec, tmp_path):
+    run_dir = runs.run(spec, outputs=tmp_path / "outputs", jobs=2)
+    stamp = lambda stage, name: (run_dir / stage / name).stat().st_mtime  # noqa: E731
+    for stage in ("teacher_geneval", "teacher_ocr", "coldstart"):
+        assert (run_dir / stage / ".done").exists()
+    # parameters.yaml is written when a stage starts, .done when it ends
+    assert stamp("coldstart", "parameters.yaml") >= max(stamp("teacher_geneval", ".done"), stamp("teacher_ocr", ".done"))
+    assert stamp("teacher_ocr", "parameters.yaml") < stamp("teacher_geneval", ".done")  # the teachers overlapped
+    assert runs.dependencies(yaml.safe_load(spec.read_text())["stages"][2]) == {"teacher_geneval", "teacher_ocr"}
+
+
+def test_parallel_failure_names_the_stage_and_skips_its_consumers(spec, tmp_path):
+    data = yaml.safe_load(spec.read_text())
+    data["stages"][0]["parameters"]["rewards"] = {"no_such_reward": 1.0}
+    spec.write_text(yaml.safe_dump(data))
+    with pytest.raises(runs.RunError, match=r"\['teacher_geneval'\] failed.*not started: \['coldstart'\]"):
+        runs.run(spec, outputs=tmp_path / "outputs", jobs=2)
+    assert (tmp_path / "outputs" / "tiny_study" / "teacher_ocr" / ".done").exists()  # its sibling finished
