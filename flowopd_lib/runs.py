@@ -164,7 +164,8 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
         selected = started and (not only or stage["name"] in only)
         done = out_dir / ".done"
         if not selected or (done.exists() and not only and start is None):
-            print(f"[{spec['name']}] {stage['name']}: {'done, skipped' if done.exists() else 'not selected'}")
+            if print_summary:  # a child of --jobs stays quiet about the stages it does not run
+                print(f"[{spec['name']}] {stage['name']}: {'done, skipped' if done.exists() else 'not selected'}")
             continue
         todo.append((stage, out_dir, params))
     if jobs > 1 and len(todo) > 1:
