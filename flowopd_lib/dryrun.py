@@ -15,12 +15,14 @@ only what a CPU box cannot have is replaced, offline:
 
 `rapidocr` is the real engine (its models ship in the wheel). What this checks is that every
 stage of the spec starts, trains, saves, hands its adapters on and evaluates; the numbers it
-produces mean nothing. Outputs go to papermill_runs/outputs/<spec name>_dryrun/.
+produces mean nothing. Outputs go to papermill_runs/outputs/<spec name>_dryrun/, emptied first
+so that every stage trains instead of resuming an earlier dry run.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +79,7 @@ def dry_run(spec_path: str | Path, num_processes: int = 2, outputs: Path = runs.
         os.environ.update(environment)  # inherited by the notebook kernels and their accelerate jobs
         try:
             dry_spec = outputs / f"{spec['name']}_dryrun.yaml"
+            shutil.rmtree(outputs / f"{spec['name']}_dryrun", ignore_errors=True)  # fresh: no stage resumes
             outputs.mkdir(parents=True, exist_ok=True)
             dry_spec.write_text(yaml.safe_dump({**spec, "name": f"{spec['name']}_dryrun"}, sort_keys=False))
             return runs.run(dry_spec, only=[s["name"] for s in spec["stages"]], overrides=overrides, outputs=outputs)

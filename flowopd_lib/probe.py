@@ -1,0 +1,125 @@
+"""GRPO probes: what the toy GRPO can learn on the shipped base, and how much signal a gradient has.
+
+Two diagnostic rewards join the registry when this module is imported:
+
+    probe_redness      how red the image is (mean of max(0, r - (g + b) / 2)): easy, global
+    probe_colour_area  the area in the colour a GenEval prompt names (0 for prompts without one):
+                       prompt-conditional, but no shapes, counts or positions
+
+and two experiments (the README's GRPO diagnosis table comes from these commands):
+
+    python -m flowopd_lib.probe train probe_redness --updates 21 -c lr=0.01 -c minibatches=1 -c beta=0
+    python -m flowopd_lib.probe train geneval --updates 20 -c lr=0.01 -c minibatches=1 -c beta=0
+    python -m flowopd_lib.probe cosine probe_redness
+
+`train` runs `GRPOTrainer` and evaluates the reward with the ODE on fixed test prompts (20 steps,
+CFG 3, seed 0) before and after. `cosine` computes the GRPO gradient of independent batches at
+the base (lr 0) and prints their pairwise cosines: near 0 means each update is mostly noise.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import data, models, rewards, rollout, toy
+from .grpo import GRPOConfig, GRPOTrainer
+
+EVAL_PROMPTS, EVAL_STEPS, EVAL_CFG = 64, 20, 3.0
+
+
+def redness(images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
+    r, g, b = images[:, 0], images[:, 1], images[:, 2]
+    return {"reward": (r - (g + b) / 2).clamp(min=0).mean(dim=(1, 2))}
+
+
+def named_colour(prompt) -> str | None:
+    return next((c["color"] for c in prompt.spec.get("include", []) if "color" in c), None)
+
+
+def colour_area(images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
+    out = torch.zeros(len(prompts))
+    for i, p in enumerate(prompts):
+        if (colour := named_colour(p)) is not None:
+            rgb = torch.tensor(toy.COLORS[colour], dtype=images.dtype).view(3, 1, 1)
+            out[i] = ((images[i] - rgb).norm(dim=0) < 0.3).float().mean()
+    return {"reward": out}
+
+
+rewards.register("probe_redness", redness)
+rewards.register("probe_colour_area", colour_area, tasks=("geneval",))
+TASK_OF = {"probe_redness": "pickscore", "probe_colour_area": "geneval", "geneval": "geneval", "ocr": "ocr",
+           "pickscore": "pickscore", "deqa": "pickscore"}
+
+
+def test_prompts(reward: str) -> list:
+    prompts = data.prompts(TASK_OF[reward], EVAL_PROMPTS, "test", 0)
+    return [p for p in prompts if named_colour(p)] if reward == "probe_colour_area" else prompts
+
+
+def eval_reward(model, reward: str, prompts: list) -> dict[str, float]:
+    """The reward's mean over ODE samples of fixed test prompts (and GenEval's strict score)."""
+    with torch.no_grad():
+        images = rollout.generate(model, [p.text for p in prompts], steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=0)
+    out = rewards.score(reward, images, prompts)
+    return {reward: out["reward"].mean().item(), **({"strict": out["strict"].mean().item()} if "strict" in out else {})}
+
+
+def config(reward: str, out_dir: str, **overrides) -> GRPOConfig:
+    values = dict(adapter="probe", rewards={reward: 1.0}, datasets={TASK_OF[reward]: 1.0}, cfg_scale=3.0,
+                  out_dir=out_dir)
+    return GRPOConfig(**{**values, **overrides})
+
+
+def train(reward: str, updates: int, out_dir: str, **overrides) -> tuple[dict, dict]:
+    """GRPO on one reward from the shipped base; returns the evaluation before and after."""
+    model = models.load_base("toy")
+    prompts = test_prompts(reward)
+    before = eval_reward(model, reward, prompts)
+    trainer = GRPOTrainer(model, config(reward, out_dir, updates=updates, **overrides),
+                          eval_fn=lambda m: eval_reward(m, reward, prompts))
+    after = {k.removeprefix("eval/"): v for k, v in trainer.train(resume=False).items() if k.startswith("eval/")}
+    Path(out_dir, "probe.json").write_text(json.dumps({"before": before, "after": after, "updates": updates}))
+    return before, after
+
+
+def gradient_cosines(reward: str, batches: int = 4, **overrides) -> list[float]:
+    """Pairwise cosines of the GRPO gradients of `batches` independent updates at the base."""
+    torch.manual_seed(0)
+    trainer = GRPOTrainer(models.load_base("toy"), config(reward, "runs/probe_cosine", lr=0.0, minibatches=1,
+                                                          beta=0.0, **overrides))
+    grads = []
+    for update in range(100, 100 + batches):
+        traj = trainer.rollout(update)
+        labels, _ = trainer.label(traj, update)
+        trainer.optimize(traj, labels, update)  # lr 0: the step changes nothing, .grad keeps the gradient
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.params]).clone())
+    return [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in itertools.combinations(grads, 2)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=("train", "cosine"))
+    parser.add_argument("reward", choices=sorted(TASK_OF))
+    parser.add_argument("--updates", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=4, help="cosine: independent batches")
+    parser.add_argument("--out", default=None, help="train: run directory (default runs/probe_<reward>)")
+    parser.add_argument("-c", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a GRPOConfig field, e.g. -c lr=0.01 -c minibatches=1 -c beta=0")
+    args = parser.parse_args(argv)
+    overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.overrides)}
+    if args.experiment == "train":
+        before, after = train(args.reward, args.updates, args.out or f"runs/probe_{args.reward}", **overrides)
+        print(f"{args.reward} {overrides}: before {before} -> after {after} ({args.updates} updates)")
+    else:
+        cosines = gradient_cosines(args.reward, args.batches, **overrides)
+        print(f"{args.reward}: pairwise gradient cosines {[round(c, 3) for c in cosines]}, "
+              f"mean |cos| {sum(abs(c) for c in cosines) / len(cosines):.3f}")
+
+
+if __name__ == "__main__":
+    main()

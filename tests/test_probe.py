@@ -1,0 +1,27 @@
+"""The GRPO probes behind the README's diagnosis table (flowopd_lib/probe.py)."""
+import torch
+
+from flowopd_lib import probe, rewards, toy
+
+
+def test_probe_rewards_on_known_images():
+    red = torch.zeros(2, 3, 8, 8)
+    red[:, 0] = 1
+    assert torch.allclose(rewards.score("probe_redness", red, ["a", "b"])["reward"], torch.ones(2))
+    assert rewards.score("probe_redness", torch.ones(2, 3, 8, 8), ["a", "b"])["reward"].abs().max() == 0
+    prompts = [p for p in toy.sample_prompts("geneval", n=64, split="test", seed=0) if probe.named_colour(p)][:8]
+    images = toy.render(prompts, seed=0)
+    area = rewards.score("probe_colour_area", images, prompts)["reward"]
+    assert (area > 0.01).all()  # every render shows its named colour
+    assert (rewards.score("probe_colour_area", torch.zeros_like(images), prompts)["reward"] < area).all()
+
+
+def test_train_reports_before_and_after_and_cosine_is_a_cosine(tmp_path, monkeypatch):
+    monkeypatch.setattr(probe, "EVAL_PROMPTS", 8)
+    tiny = dict(prompts_per_update=2, group_size=4, sde_steps=3, lr=0.01, minibatches=1, beta=0.0)
+    before, after = probe.train("probe_redness", 1, str(tmp_path / "run"), **tiny)
+    assert set(before) == set(after) == {"probe_redness"} and before != after
+    assert (tmp_path / "run" / "probe.json").exists()
+    cosines = probe.gradient_cosines("probe_redness", batches=3, **{k: v for k, v in tiny.items()
+                                                                    if k not in ("lr", "minibatches", "beta")})
+    assert len(cosines) == 3 and all(-1 <= c <= 1 for c in cosines)
