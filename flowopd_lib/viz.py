@@ -48,3 +48,26 @@ def plot_curves(metrics: pd.DataFrame, columns: list[str], title: str = "", path
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def compare_runs(run_dirs: dict[str, str | Path], prefix: str, title: str = "", path=None):
+    """One panel per metric whose name starts with `prefix` (e.g. "teacher_kl/"), one line per run:
+    the same curves of several runs side by side (e.g. the OPD objectives)."""
+    import matplotlib.pyplot as plt
+
+    metrics = {label: read_metrics(d) for label, d in run_dirs.items()}
+    names = sorted({c for m in metrics.values() for c in m if c.startswith(prefix)})
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.0), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for label, m in metrics.items():
+            if name in m:
+                rows = m[["step", name]].dropna()
+                ax.plot(rows["step"], rows[name], label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("update")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
