@@ -1,6 +1,6 @@
 """Dry run of a full-scale run spec on CPU, with tiny stand-ins for everything outside the repo.
 
-    python -m flowopd_lib.dryrun papermill_runs/sd35m.yaml            # ~5 minutes on 2 cores
+    python -m flowopd_lib.dryrun papermill_runs/sd35m.yaml            # 4-8 minutes on 2 cores
 
 The spec runs through the same runner, notebooks, trainers and reward clients as on GPU nodes;
 only what a CPU box cannot have is replaced, offline:
@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import yaml
 
@@ -75,20 +76,12 @@ def dry_run(spec_path: str | Path, num_processes: int = 2, outputs: Path = runs.
                      "accelerate_config": accelerate_config(tmp, num_processes) if num_processes > 1 else None}
         environment = {GENEVAL_URL_ENV: urls["geneval"], DEQA_URL_ENV: urls["deqa"],
                        MODEL_ENV: standins["pickscore_model"], PROCESSOR_ENV: standins["pickscore_processor"]}
-        saved = {k: os.environ.get(k) for k in environment}
-        os.environ.update(environment)  # inherited by the notebook kernels and their accelerate jobs
-        try:
+        with mock.patch.dict(os.environ, environment):  # inherited by the notebook kernels and their jobs
             dry_spec = outputs / f"{spec['name']}_dryrun.yaml"
             shutil.rmtree(outputs / f"{spec['name']}_dryrun", ignore_errors=True)  # fresh: no stage resumes
             outputs.mkdir(parents=True, exist_ok=True)
             dry_spec.write_text(yaml.safe_dump({**spec, "name": f"{spec['name']}_dryrun"}, sort_keys=False))
             return runs.run(dry_spec, only=[s["name"] for s in spec["stages"]], overrides=overrides, outputs=outputs)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def main(argv: list[str] | None = None) -> None:

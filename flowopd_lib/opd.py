@@ -169,15 +169,17 @@ class OPDTrainer(OnPolicyTrainer):
 
     # -- labels: teacher/anchor velocities at the stored states, per-step KLs, advantages
     @property
+    def teacher_steps(self) -> int:
+        """Steps that get teacher labels: all of them where the objective sums over the whole trajectory."""
+        return self.cfg.sde_steps if self.cfg.objective in ("kl_rtg", "pg_logratio") else self.cfg.trained_steps
+
+    @property
     def label_forwards_per_sample(self) -> int:
-        cfg = self.cfg
-        teacher = cfg.sde_steps if cfg.objective in ("kl_rtg", "pg_logratio") else cfg.trained_steps
-        return teacher + (cfg.trained_steps if cfg.mar_lambda > 0 else 0)
+        return self.teacher_steps + (self.cfg.trained_steps if self.cfg.mar_lambda > 0 else 0)
 
     def label(self, traj: rollout.Trajectories, update: int):
         cfg = self.cfg
-        needs_all_steps = cfg.objective in ("kl_rtg", "pg_logratio")
-        steps = cfg.sde_steps if needs_all_steps else cfg.trained_steps
+        steps = self.teacher_steps
         v_tgt = torch.stack([self.target_velocities(traj, k) for k in range(steps)], dim=1)
         labels = {"v_target": v_tgt, "weight": torch.ones(len(traj), device=self.acc.device)}
         kls = torch.stack([step_kl(traj.velocities[:, k], v_tgt[:, k], traj.latents[:, k], traj.sigmas[k],

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -148,7 +150,7 @@ def plan_stages(spec: dict, run_dir: Path, overrides: dict | None = None) -> lis
 
 
 def run(spec_path: str | Path, only: list[str] | None = None, start: str | None = None,
-        overrides: dict | None = None, outputs: Path = OUTPUTS, jobs: int = 1, print_summary: bool = True) -> Path:
+        overrides: dict | None = None, outputs: Path = OUTPUTS, jobs: int = 1, report: bool = True) -> Path:
     """Execute the spec's stages in order (see the module docstring); returns the run directory."""
     spec, overrides = load_spec(spec_path), overrides or {}
     run_dir = outputs / spec["name"]
@@ -164,7 +166,7 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
         selected = started and (not only or stage["name"] in only)
         done = out_dir / ".done"
         if not selected or (done.exists() and not only and start is None):
-            if print_summary:  # a child of --jobs stays quiet about the stages it does not run
+            if report:  # a child of --jobs stays quiet about the stages it does not run
                 print(f"[{spec['name']}] {stage['name']}: {'done, skipped' if done.exists() else 'not selected'}")
             continue
         todo.append((stage, out_dir, params))
@@ -174,7 +176,7 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
         for stage, out_dir, params in todo:
             execute_stage(spec["name"], stage, params, out_dir)
     summary = run_dir / spec.get("summary", "summary") / "main_table.md"
-    if summary.exists() and print_summary:
+    if summary.exists() and report:
         print(f"\nsummary: {summary}\n\n{summary.read_text()}")
     return run_dir
 
@@ -197,9 +199,6 @@ def dependencies(stage: dict) -> set[str]:
 def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict, outputs: Path, jobs: int) -> None:
     """Run the stages in `todo` up to `jobs` at a time, each as soon as the stages it refers to
     have finished, in child runners (`--only`) whose kernels get cpu_count // jobs threads."""
-    import os
-    import subprocess
-
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     waiting = [stage for stage, _, _ in todo]
@@ -210,17 +209,18 @@ def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict,
     failed: list[str] = []
     while (waiting and not failed) or running:
         for stage in [s for s in waiting if deps[s["name"]] <= finished][: jobs - len(running)]:
-            if failed:
-                break
             command = [sys.executable, "-m", "flowopd_lib.runs", str(spec_path), "--only", stage["name"],
-                       "--outputs", str(outputs), "--no-summary", *flags]
+                       "--outputs", str(outputs), "--quiet", *flags]
             running[stage["name"]] = subprocess.Popen(command, env=env)
             waiting.remove(stage)
         time.sleep(0.5)
         for name, process in list(running.items()):
             if process.poll() is not None:
                 del running[name]
-                (finished.add(name) if process.returncode == 0 else failed.append(name))
+                if process.returncode == 0:
+                    finished.add(name)
+                else:
+                    failed.append(name)
     if failed:
         raise RunError(f"stage(s) {failed} failed (the error is printed above and in "
                        f"{outputs / spec['name']}/<stage>/log.txt); not started: {[s['name'] for s in waiting]}")
@@ -236,13 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="run up to this many independent stages at once (each with cores / jobs threads)")
     parser.add_argument("--outputs", type=Path, default=OUTPUTS, help="where run directories go")
-    parser.add_argument("--no-summary", dest="print_summary", action="store_false", help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", dest="report", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.jobs < 1:
         sys.exit(f"error: --jobs {args.jobs}: give 1 or more")
     try:
         run(args.spec, args.only, args.start, dict(parse_override(o) for o in args.overrides), args.outputs,
-            args.jobs, args.print_summary)
+            args.jobs, args.report)
     except RunError as err:
         sys.exit(f"error: {err}")
 

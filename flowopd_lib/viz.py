@@ -50,6 +50,17 @@ def plot_curves(metrics: pd.DataFrame, columns: list[str], title: str = "", path
     return fig
 
 
+def curve_ends(run_dirs: dict[str, str | Path], prefix: str, last: int = 3) -> pd.DataFrame:
+    """Per run (rows) and metric starting with `prefix` (columns): "first -> mean of the last
+    `last` values", the table form of `compare_runs` (e.g. the KL to each teacher during OPD)."""
+    rows = {}
+    for label, directory in run_dirs.items():
+        m = read_metrics(directory)
+        rows[label] = {c: f"{m[c].dropna().iloc[0]:.1f} -> {m[c].dropna().iloc[-last:].mean():.1f}"
+                       for c in m if c.startswith(prefix)}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def compare_runs(run_dirs: dict[str, str | Path], prefix: str, title: str = "", path=None):
     """One panel per metric whose name starts with `prefix` (e.g. "teacher_kl/"), one line per run:
     the same curves of several runs side by side (e.g. the OPD objectives)."""

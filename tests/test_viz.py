@@ -15,3 +15,10 @@ def test_compare_runs_draws_one_panel_per_metric_and_one_line_per_run(tmp_path):
     assert all(len(ax.lines) == 2 for ax in fig.axes)
     assert list(fig.axes[1].lines[1].get_ydata()) == [14.0, 36.0]  # the missing value is skipped
     assert (tmp_path / "kl.png").stat().st_size > 0
+
+
+def test_curve_ends_reads_first_and_mean_of_last(tmp_path):
+    pd.DataFrame({"step": [1, 2, 3, 4], "teacher_kl/ocr": [14.0, 30.0, 10.0, 12.0], "loss": [1, 1, 1, 1]}
+                 ).to_csv(tmp_path / "metrics.csv", index=False)
+    table = viz.curve_ends({"kl": tmp_path}, "teacher_kl/", last=2)
+    assert table.loc["kl", "teacher_kl/ocr"] == "14.0 -> 11.0" and list(table.columns) == ["teacher_kl/ocr"]
