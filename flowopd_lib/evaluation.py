@@ -9,9 +9,17 @@ steps, CFG and seeds (every model starts from the same noise), each task judged 
     pickscore_true   the hidden taste behind it (the truth: reward hacking = proxy up, truth down)
     deqa             image quality, 1-5, on deqa prompts
     Avg              mean of the normalised metrics, as the paper's Avg column
+
+With `cache_dir`, each (model, task) result is stored under a key made of the model's weights (the
+base's and its adapter's, see `fingerprint`) and the protocol, so a study evaluates each adapter
+once: the stage that trains it and the summary that tabulates it share the measurement.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -49,26 +57,81 @@ def average(row: dict[str, float]) -> float:
     return sum(row[t] / NORMALISERS[t] for t in NORMALISERS) / len(NORMALISERS)
 
 
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(model) -> str:
+    """sha256 of every weight a model's samples depend on.
+
+    An adapter view (`adapters.view`) counts the base's weights plus its own adapter's weights and
+    scaling, whatever the adapter is called (a teacher loaded under another name is the same model;
+    other adapters on the same base do not change its samples); any other model counts all its
+    weights and which adapters are active."""
+    from .adapters import AdaptedModel
+
+    if isinstance(model, AdaptedModel):
+        base, adapter = model.model, model.name
+        tensors = [(n.replace(".base_layer.", "."), t) for n, t in [*base.named_parameters(), *base.named_buffers()]
+                   if "lora_" not in n]  # names as without peft's wrappers: a base with or without adapters
+        scaling = None
+        if adapter is not None:
+            tensors += [(n.replace(f".{adapter}.", "."), t) for n, t in base.transformer.named_parameters()
+                        if "lora_" in n and f".{adapter}." in n]
+            config = base.transformer.peft_config[adapter]
+            scaling = [config.r, config.lora_alpha, config.use_rslora, config.use_dora]
+        return _digest(tensors) + hashlib.sha256(json.dumps(scaling).encode()).hexdigest()[:16]
+    active = list(model.transformer.active_adapters()) if getattr(model.transformer, "peft_config", None) else []
+    return _digest([*model.named_parameters(), *model.named_buffers()]) + ",".join(active)
+
+
+def _cache_key(model_fingerprint: str, task: str, prompts: list, reward: str | None, protocol: dict) -> str:
+    text = json.dumps({"model": model_fingerprint, "task": task, "reward": reward, "prompts": [p.text for p in prompts],
+                       **protocol}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def evaluate(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = TASKS, n_prompts: int = 128,
              steps: int = 20, cfg_scale: float = 3.0, seed: int = 0, prompt_root: str | None = None,
              reward_for_task: dict[str, str] | None = None, shift: float = 1.0,
-             prompts_for_task: Callable[[str, int, int], list] | None = None) -> pd.DataFrame:
+             prompts_for_task: Callable[[str, int, int], list] | None = None,
+             cache_dir: str | Path | None = None) -> pd.DataFrame:
     """The metric table: one row per model (index = name), columns as in the module docstring.
 
     Prompts: `data.prompts` of the test split (toy, or Flow-GRPO's files under `prompt_root`), or
     any `prompts_for_task(task, n, seed)`; `reward_for_task` maps a task to the reward that judges
-    it (default: the reward of the same name; SD3.5-M: geneval_server, rapidocr, ...)."""
+    it (default: the reward of the same name; SD3.5-M: geneval_server, rapidocr, ...).
+    `cache_dir`: reuse results of the same weights under the same protocol (module docstring)."""
     if not isinstance(models, dict):
         models = {"model": models}
     prompts_for_task = prompts_for_task or (lambda task, n, s: data.prompts(task, n, "test", s, prompt_root))
     prompt_sets = {task: prompts_for_task(task, n_prompts, seed) for task in tasks}
+    protocol = {"steps": steps, "cfg_scale": cfg_scale, "seed": seed, "shift": shift}
     rows = {}
     for name, model in models.items():
         row = {}
+        model_fingerprint = fingerprint(model) if cache_dir is not None else None
         for task, prompts in prompt_sets.items():
+            reward = (reward_for_task or {}).get(task)
+            cached = None
+            if cache_dir is not None:
+                cached = Path(cache_dir) / f"{_cache_key(model_fingerprint, task, prompts, reward, protocol)}.json"
+                if cached.exists():
+                    row.update(json.loads(cached.read_text()))
+                    continue
             images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale, seed=seed,
                                       shift=shift)
-            row.update(task_metrics(task, prompts, images, (reward_for_task or {}).get(task)))
+            metrics = task_metrics(task, prompts, images, reward)
+            row.update(metrics)
+            if cached is not None:  # write-then-rename: stages running side by side never read half a file
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                partial = cached.with_suffix(f".{os.getpid()}.tmp")
+                partial.write_text(json.dumps(metrics))
+                partial.replace(cached)
         if all(t in row for t in NORMALISERS):
             row["Avg"] = average(row)
         rows[name] = row

@@ -15,7 +15,8 @@ order, each a notebook with its own parameters:
 
 `{stage}` in a parameter value is that stage's output directory (what a stage consumes from an
 earlier one); every stage gets `out_dir` = papermill_runs/outputs/<run>/<stage>, and only the
-shared parameters its notebook declares. A finished stage leaves `.done` and is skipped when the
+shared parameters its notebook declares. Stages whose notebook declares `eval_cache` share the run's
+`eval_cache/` folder, so each adapter is evaluated once per run (the summary reuses the stages' numbers). A finished stage leaves `.done` and is skipped when the
 run is repeated; an interrupted stage re-runs and its trainer resumes from its checkpoints. A
 failing stage stops the run naming the notebook, the cell and the error; everything produced so
 far stays. The run directory also holds the spec, the git commit and package versions.
@@ -108,6 +109,8 @@ def stage_parameters(spec: dict, stage: dict, stage_dirs: dict[str, Path], out_d
         raise RunError(f"stage {stage['name']!r}: {stage['notebook']} has no parameter(s) {unknown}; "
                        f"it declares {sorted(declared)}")
     params["out_dir"] = str(out_dir)
+    if "eval_cache" in declared:
+        params.setdefault("eval_cache", str(out_dir.parent / "eval_cache"))
     return params
 
 

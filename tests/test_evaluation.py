@@ -1,4 +1,5 @@
 """The evaluation table: columns, the Avg column, determinism, ground truth scores high."""
+import pandas as pd
 import pytest
 import torch
 
@@ -31,3 +32,39 @@ def test_task_metrics_on_ground_truth_renders_are_high():
     assert metrics["geneval"] >= 0.98 and metrics["geneval/counting"] >= 0.98
     prompts = toy.sample_prompts("ocr", n=30, split="test", seed=0)
     assert evaluation.task_metrics("ocr", prompts, toy.render(prompts, seed=0))["ocr"] >= 0.98
+
+
+def test_cache_reuses_the_same_weights_and_misses_changed_ones(tmp_path, monkeypatch):
+    from flowopd_lib import adapters, rollout
+    from tiny import tiny_model
+
+    model = tiny_model()
+    adapters.add(model, "a", rank=2)
+    calls = []
+    generate = rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    protocol = dict(tasks=("geneval", "ocr"), n_prompts=6, steps=2, cfg_scale=2.0, seed=1, cache_dir=tmp_path)
+    views = {"base": adapters.view(model, None), "a": adapters.view(model, "a")}
+    first = evaluation.evaluate(views, **protocol)
+    assert len(calls) == 4 and len(list(tmp_path.glob("*.json"))) == 4
+
+    adapters.add(model, "b", rank=2)  # another adapter on the base changes neither view's samples
+    again = evaluation.evaluate(views, **protocol)
+    assert len(calls) == 4
+    pd.testing.assert_frame_equal(first, again)
+
+    with torch.no_grad():  # new weights for "a": measured anew; the base view still cached
+        adapters.parameters(model, "a")[0].add_(1.0)
+        adapters.parameters(model, "a")[1].add_(1.0)
+    evaluation.evaluate(views, **protocol)
+    assert len(calls) == 6
+    evaluation.evaluate(views, **{**protocol, "steps": 3})  # another protocol: no reuse
+    assert len(calls) == 10
+
+    adapters.save(model, "a", tmp_path / "saved_a")  # the same weights under another name: reused
+    adapters.load(model, tmp_path / "saved_a", "a_again")
+    evaluation.evaluate({"a": adapters.view(model, "a_again")}, **protocol)
+    assert len(calls) == 10
+    fresh = tiny_model()  # the base alone, before any adapter wraps its layers: reused
+    evaluation.evaluate({"base": adapters.view(fresh, None)}, **protocol)
+    assert len(calls) == 10

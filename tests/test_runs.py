@@ -42,6 +42,10 @@ def test_stages_run_in_order_consume_earlier_outputs_and_skip_when_done(spec, tm
     params = yaml.safe_load((run_dir / "coldstart" / "parameters.yaml").read_text())
     assert params["teachers"]["geneval"] == str(run_dir / "teacher_geneval" / "adapter")
     assert "seed" in params and "rewards" not in params  # shared parameters only where declared
+    # one evaluation cache per run: base and teachers measured by their stages, reused by the cold start
+    # (4 tasks each for base, 2 teachers and the merge)
+    assert params["eval_cache"] == str(run_dir / "eval_cache")
+    assert len(list((run_dir / "eval_cache").glob("*.json"))) == 4 * 4
     assert (run_dir / "spec.yaml").exists() and "git" in (run_dir / "provenance.json").read_text()
     capsys.readouterr()
     runs.run(spec, outputs=out)
