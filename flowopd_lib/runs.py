@@ -15,11 +15,12 @@ order, each a notebook with its own parameters:
 
 `{stage}` in a parameter value is that stage's output directory (what a stage consumes from an
 earlier one); every stage gets `out_dir` = papermill_runs/outputs/<run>/<stage>, and only the
-shared parameters its notebook declares. Stages whose notebook declares `eval_cache` share the run's
-`eval_cache/` folder, so each adapter is evaluated once per run (the summary reuses the stages' numbers). A finished stage leaves `.done` and is skipped when the
-run is repeated; an interrupted stage re-runs and its trainer resumes from its checkpoints. A
-failing stage stops the run naming the notebook, the cell and the error; everything produced so
-far stays. The run directory also holds the spec, the git commit and package versions.
+shared parameters its notebook declares. Stages whose notebook declares `eval_cache` share the
+run's `eval_cache/` folder, so each adapter is evaluated once per run (the summary reuses the
+stages' numbers). A finished stage leaves `.done` and is skipped when the run is repeated; an
+interrupted stage re-runs and its trainer resumes from its checkpoints. A failing stage stops the
+run naming the notebook, the cell and the error; everything produced so far stays. The run
+directory also holds the spec, the git commit and package versions.
 
     python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N]
 

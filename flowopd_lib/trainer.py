@@ -81,7 +81,8 @@ class OnPolicyConfig(Config):
     grad_clip: float = param(1.0, "gradient-norm clip", range=(0, None))
     ema_decay: float = param(0.9, "EMA decay of the adapter weights per optimizer step (0 = no EMA)", range=(0, 1))
     updates: int = param(100, "number of updates (rollout + optimizer steps)", range=(0, None))
-    time_budget_minutes: float | None = param(None, "stop after this many minutes (checkpointed)", range=(0, None))
+    time_budget_minutes: float | None = param(None, "stop after this many minutes of updates (summed across resumes)",
+                                              range=(0, None))
     eval_every: int = param(0, "evaluate the EMA adapter every N updates (0 = only at the end)", range=(0, None))
     checkpoint_every: int = param(10, "save a resumable checkpoint every N updates", range=(1, None))
     seed: int = param(0, "seed of prompts, noise and minibatch order")
@@ -357,17 +358,21 @@ class OnPolicyTrainer:
         metrics: dict[str, float] = {}
         if self.acc.is_main_process:
             self.print_estimate()
-        t_start = time.time()
+        budget_seconds = 60 * (cfg.time_budget_minutes or math.inf)
+        if self.train_seconds >= budget_seconds:  # a resumed run whose budget was already spent
+            print(f"time budget of {cfg.time_budget_minutes} min already spent at update {self.update}")
+        first = cfg.updates if self.train_seconds >= budget_seconds else self.update
         with Run(cfg.out_dir, cfg, resume=resume, is_main_process=self.acc.is_main_process) as run:
-            bar = tqdm(range(self.update, cfg.updates), initial=self.update, total=cfg.updates,
+            bar = tqdm(range(first, cfg.updates), initial=self.update, total=cfg.updates,
                        desc=type(self).__name__, disable=not self.acc.is_main_process, mininterval=2)
             for update in bar:
                 t_update = time.time()
                 metrics = self.run_update(update)
                 self.update = update + 1
                 self.train_seconds += time.time() - t_update
-                elapsed = torch.tensor(float(time.time() - t_start > 60 * (cfg.time_budget_minutes or math.inf)))
-                over_budget = bool(self.global_sum(elapsed.to(self.acc.device)) > 0)
+                # the budget counts update time carried across resumes (not evaluation or checkpoints)
+                spent = torch.tensor(float(self.train_seconds >= budget_seconds), device=self.acc.device)
+                over_budget = bool(self.global_sum(spent) > 0)
                 last = self.update == cfg.updates or over_budget
                 if self.update % cfg.checkpoint_every == 0 or last:
                     self.save_checkpoint()

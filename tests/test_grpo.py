@@ -263,3 +263,15 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path):
     one = torch.load(out1 / "checkpoints" / "step_0000002" / "state.pt", weights_only=False)["adapter"]
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5), key
+
+
+def test_time_budget_counts_update_time_across_resumes(tmp_path):
+    """An interrupted run resumes with what is left of its budget, not a fresh one."""
+    cfg = tiny_cfg(tmp_path, updates=5, time_budget_minutes=1e-6)  # spent by the first update
+    first = GRPOTrainer(tiny_model(), cfg)
+    first.train()
+    assert first.update == 1
+    resumed = GRPOTrainer(tiny_model(), cfg)
+    resumed.train(resume=True)
+    assert resumed.update == 1 and resumed.train_seconds == first.train_seconds
+    assert len(Path(cfg.out_dir, "metrics.csv").read_text().splitlines()) == 2  # header + update 1
