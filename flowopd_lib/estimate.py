@@ -6,7 +6,8 @@
                  doubled in float32, doubled again with CFG); with gradient checkpointing one block's
                  activations plus every block's input
     rollout      the stored trajectories (states and velocities) of one update
-    time         one update, from a timed transformer forward times the forwards an update makes
+    time         one update, from a transformer forward timed at the batch of one backward pass
+                 (at most 64) times the forwards an update makes
 
 The time is measured on the machine and device the run uses, so it is an estimate for that
 machine (a first forward on GPU includes warm-up; the estimate times the second and third).
@@ -103,7 +104,9 @@ def estimate(model: FlowModel, cfg, num_processes: int, trainable: list[torch.nn
     adapter_params = sum(p.numel() for p in trainable)
     forwards = samples * guidance * (cfg.sde_steps + label_forwards_per_sample
                                      + 3 * cfg.trained_steps * cfg.inner_epochs)  # backward ~ 2 forwards
-    per_sample = time_forward(model, min(4, samples))
+    # timed at the batch the update's forwards run at (capped: the timing itself must stay cheap);
+    # per-sample cost falls with batch size until the device is full, so a small batch overestimates
+    per_sample = time_forward(model, min(per_backward * guidance, 64))
     return Estimate(base_params=sum(p.numel() for p in all_params) - adapter_params,
                     base_bytes=_bytes(all_params) - _bytes(trainable), adapter_params=adapter_params,
                     adapter_bytes=_bytes(trainable), optimizer_bytes=3 * 4 * adapter_params,
