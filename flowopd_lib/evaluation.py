@@ -66,7 +66,7 @@ def _digest(tensors) -> str:
 
 
 def fingerprint(model) -> str:
-    """sha256 of every weight a model's samples depend on.
+    """sha256 of every weight a model's samples depend on (+ the adapter scaling or active adapters).
 
     An adapter view (`adapters.view`) counts the base's weights plus its own adapter's weights and
     scaling, whatever the adapter is called (a teacher loaded under another name is the same model;
@@ -84,9 +84,9 @@ def fingerprint(model) -> str:
                         if "lora_" in n and f".{adapter}." in n]
             config = base.transformer.peft_config[adapter]
             scaling = [config.r, config.lora_alpha, config.use_rslora, config.use_dora]
-        return _digest(tensors) + hashlib.sha256(json.dumps(scaling).encode()).hexdigest()[:16]
+        return _digest(tensors) + json.dumps(scaling)
     active = list(model.transformer.active_adapters()) if getattr(model.transformer, "peft_config", None) else []
-    return _digest([*model.named_parameters(), *model.named_buffers()]) + ",".join(active)
+    return _digest([*model.named_parameters(), *model.named_buffers()]) + json.dumps(active)
 
 
 def _cache_key(model_fingerprint: str, task: str, prompts: list, reward: str | None, protocol: dict) -> str:

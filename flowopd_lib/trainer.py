@@ -359,9 +359,10 @@ class OnPolicyTrainer:
         if self.acc.is_main_process:
             self.print_estimate()
         budget_seconds = 60 * (cfg.time_budget_minutes or math.inf)
-        if self.train_seconds >= budget_seconds:  # a resumed run whose budget was already spent
+        already_spent = self.train_seconds >= budget_seconds  # a resumed run whose budget ran out
+        if already_spent:
             print(f"time budget of {cfg.time_budget_minutes} min already spent at update {self.update}")
-        first = cfg.updates if self.train_seconds >= budget_seconds else self.update
+        first = cfg.updates if already_spent else self.update
         with Run(cfg.out_dir, cfg, resume=resume, is_main_process=self.acc.is_main_process) as run:
             bar = tqdm(range(first, cfg.updates), initial=self.update, total=cfg.updates,
                        desc=type(self).__name__, disable=not self.acc.is_main_process, mininterval=2)

@@ -68,3 +68,6 @@ def test_cache_reuses_the_same_weights_and_misses_changed_ones(tmp_path, monkeyp
     fresh = tiny_model()  # the base alone, before any adapter wraps its layers: reused
     evaluation.evaluate({"base": adapters.view(fresh, None)}, **protocol)
     assert len(calls) == 10
+    evaluation.evaluate({"plain": fresh}, **protocol)  # a plain model: all its weights count, reused when unchanged
+    evaluation.evaluate({"plain": fresh}, **protocol)
+    assert len(calls) == 12
