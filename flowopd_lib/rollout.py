@@ -113,10 +113,13 @@ def sample_noise(model: FlowModel, seeds: list[int], steps: int,
 @torch.no_grad()
 def sample_trajectories(model: FlowModel, prompts: list, seeds: list[int], steps: int = 10,
                         noise_level: float = 0.7, cfg_scale: float = 1.0, shift: float = 1.0,
-                        decode: bool = True, initial_seeds: list[int] | None = None) -> Trajectories:
+                        decode: bool = True, initial_seeds: list[int] | None = None,
+                        sde_until: int | None = None) -> Trajectories:
     """Sample one SDE trajectory per (prompt, seed) from the model's current policy (its active
     adapter), storing states and step log-probs. CFG runs uncond + cond in one batched forward.
-    `initial_seeds` (one per sample) set the initial noise apart from the SDE noise (`sample_noise`)."""
+    `initial_seeds` (one per sample) set the initial noise apart from the SDE noise (`sample_noise`).
+    With `sde_until`, steps from that index on are deterministic ODE steps (log-prob NaN): the
+    randomness, and so a group's spread of rewards, comes only from the earlier steps."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per sample")
     sigmas = flow.sigma_schedule(steps, shift).to(model.device)
@@ -128,7 +131,8 @@ def sample_trajectories(model: FlowModel, prompts: list, seeds: list[int], steps
     for k in range(steps):
         s = sigmas[k].expand(len(prompts))
         v = guided_velocity(model, x, s, cond, uncond, cfg_scale)
-        step = flow.sde_step(v, x, sigmas[k], sigmas[k + 1], noise_level, noise=noise[:, k + 1])
+        level = 0.0 if sde_until is not None and k >= sde_until else noise_level
+        step = flow.sde_step(v, x, sigmas[k], sigmas[k + 1], level, noise=noise[:, k + 1])
         x = step.prev_sample
         states.append(x)
         log_probs.append(step.log_prob)

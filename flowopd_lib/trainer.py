@@ -59,6 +59,9 @@ class OnPolicyConfig(Config):
     noise_level: float = param(0.7, "SDE noise level a", range=(0, None))
     shared_initial_noise: bool = param(False, "start the G trajectories of a prompt from one initial noise, so "
                                        "their rewards differ only through the SDE steps that are trained")
+    ode_after_trained: bool = param(False, "sample the untrained steps (after the first train_fraction) with the "
+                                    "ODE, as Flow-GRPO-Fast and MixGRPO do: rewards then vary only through the "
+                                    "noise of the trained steps, which lowers the variance of their gradient")
     cfg_scale: float = param(1.0, "classifier-free guidance in rollouts and training (1 = off)", range=(1, None))
     shift: float = param(1.0, "timestep shift of the sampling grid (3 for SD3.5)", range=(0, None))
     prompt_root: str | None = param(None, "a Flow-GRPO dataset/ folder to train on (None = the toy world's prompts)")
@@ -191,7 +194,8 @@ class OnPolicyTrainer:
                 parts.append(rollout.sample_trajectories(
                     self.model, [samples[i] for i in chunk], [seeds[i] for i in chunk], cfg.sde_steps,
                     cfg.noise_level, cfg.cfg_scale, cfg.shift, self.decode_rollouts,
-                    [initial[i] for i in chunk] if initial else None))
+                    [initial[i] for i in chunk] if initial else None,
+                    cfg.trained_steps if cfg.ode_after_trained else None))
                 self.sampled(parts[-1])
         return rollout.concat(parts)
 

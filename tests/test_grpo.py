@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowopd_lib import adapters, rewards
+from flowopd_lib import adapters, flow, rewards
 from flowopd_lib.config import ConfigError
 from flowopd_lib.grpo import GRPOConfig, GRPOTrainer, combined_rewards, group_advantages, ppo_clip_loss
 from flowopd_lib.trainer import update_tasks
@@ -127,6 +127,19 @@ def test_shared_initial_noise_is_shared_within_groups_only(tmp_path):
     y0, y1 = starts(False)
     assert not torch.equal(y0[0], y0[1])
     assert torch.equal(x0[0], y0[0]) and torch.equal(x1[0], y1[0])  # a group's first sample is unchanged
+
+def test_ode_after_trained_makes_only_the_trained_steps_random(tmp_path):
+    cfg = tiny_cfg(tmp_path, sde_steps=4, train_fraction=0.5, ode_after_trained=True, shared_initial_noise=True)
+    trainer = GRPOTrainer(tiny_model(), cfg)
+    traj = trainer.rollout(0)
+    assert torch.isfinite(traj.log_probs[:, :2]).all() and torch.isnan(traj.log_probs[:, 2:]).all()
+    # an untrained step replays exactly as an Euler ODE step: no noise was added
+    x2 = traj.latents[:, 2]
+    replay = flow.ode_step(traj.velocities[:, 2], x2, traj.sigmas[2], traj.sigmas[3])
+    assert torch.allclose(replay, traj.latents[:, 3], atol=1e-6)
+    plain = GRPOTrainer(tiny_model(), tiny_cfg(tmp_path, sde_steps=4, train_fraction=0.5)).rollout(0)
+    assert torch.isfinite(plain.log_probs).all()
+
 
 
 def test_chunked_rollout_scores_on_a_worker_thread_and_equals_one_batch(tmp_path):
