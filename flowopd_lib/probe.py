@@ -6,28 +6,35 @@ Two diagnostic rewards join the registry when this module is imported:
     probe_colour_area  the area in the colour a GenEval prompt names (0 for prompts without one):
                        prompt-conditional, but no shapes, counts or positions
 
-and two experiments (the README's GRPO diagnosis table comes from these commands):
+and three experiments (the README's GRPO diagnosis and probe-distillation tables come from these):
 
     python -m flowopd_lib.probe train probe_redness --updates 21 -c lr=0.01 -c minibatches=1 -c beta=0
     python -m flowopd_lib.probe train geneval --updates 20 -c lr=0.01 -c minibatches=1 -c beta=0
     python -m flowopd_lib.probe cosine probe_redness
+    python -m flowopd_lib.probe distill --updates 21
 
 `train` runs `GRPOTrainer` and evaluates the reward with the ODE on fixed test prompts (20 steps,
 CFG 3, seed 0) before and after. `cosine` computes the GRPO gradient of independent batches at
 the base (lr 0) and prints their pairwise cosines: near 0 means each update is mostly noise.
+`distill` is Flow-OPD with two teachers that do beat the base (the toy's GenEval/OCR/PickScore
+teachers do not, so their distillation cannot show transfer): a redness teacher for PickScore
+prompts and a colour-area teacher for GenEval colour prompts, each GRPO-trained alone; their
+merge; GRPO-Mix on both rewards; and the OPD student from the merge, all with the same updates.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import re
 from pathlib import Path
 
 import torch
 import yaml
 
-from . import data, models, rewards, rollout, toy
+from . import adapters, coldstart, data, models, rewards, rollout, toy
 from .grpo import GRPOConfig, GRPOTrainer
+from .opd import OPDConfig, OPDTrainer
 
 EVAL_PROMPTS, EVAL_STEPS, EVAL_CFG = 64, 20, 3.0
 
@@ -56,9 +63,21 @@ TASK_OF = {"probe_redness": "pickscore", "probe_colour_area": "geneval", "geneva
            "pickscore": "pickscore", "deqa": "pickscore"}
 
 
+def colour_prompts(n: int, split: str, seed: int) -> list:
+    """n GenEval prompts that name a colour (what probe_colour_area can judge)."""
+    pool = data.prompts("geneval", 8 * n, split, seed)
+    return [p for p in pool if named_colour(p)][:n]
+
+
 def test_prompts(reward: str) -> list:
-    prompts = data.prompts(TASK_OF[reward], EVAL_PROMPTS, "test", 0)
-    return [p for p in prompts if named_colour(p)] if reward == "probe_colour_area" else prompts
+    if reward == "probe_colour_area":
+        return colour_prompts(EVAL_PROMPTS, "test", 0)
+    return data.prompts(TASK_OF[reward], EVAL_PROMPTS, "test", 0)
+
+
+def train_source(task: str, n: int, seed: int) -> list:
+    """Training prompts of the probes: GenEval ones always name a colour."""
+    return colour_prompts(n, "train", seed) if task == "geneval" else data.prompts(task, n, "train", seed)
 
 
 def eval_reward(model, reward: str, prompts: list) -> dict[str, float]:
@@ -87,6 +106,65 @@ def train(reward: str, updates: int, out_dir: str, **overrides) -> tuple[dict, d
     return before, after
 
 
+DISTILL_TEACHERS = {"pickscore": "probe_redness", "geneval": "probe_colour_area"}  # task -> reward
+TEACHER_SETTINGS = dict(lr=0.01, minibatches=1, beta=0.0)  # the setting that makes probe_redness rise
+
+
+def _slug(value) -> str:
+    """A config value as part of a folder name: {'geneval': 3, 'ocr': 1} -> geneval:3,ocr:1."""
+    return re.sub(r"[^\w.=:,-]", "", str(value))
+
+
+def distill(out_dir: str, n_updates: int = 21, shared: dict | None = None, **student) -> "pd.DataFrame":
+    """Teachers, merge, GRPO-Mix and the OPD student on the two probe rewards (module docstring).
+
+    `n_updates` for every trainer; `shared` config fields (e.g. prompts_per_update) for every
+    trainer; `student` fields (e.g. mar_lambda=0, updates=42) for the student only, which then
+    trains into its own folder. Finished teachers and GRPO-Mix in out_dir are reused (their
+    checkpoints resume), so student variants cost only the student. Returns the table (rows:
+    models, columns: the probe rewards on their tasks' test prompts), also out_dir/distill*.csv."""
+    import pandas as pd
+
+    out, model, shared = Path(out_dir), models.load_base("toy"), shared or {}
+    prompts = {reward: test_prompts(reward) for reward in DISTILL_TEACHERS.values()}
+
+    def scores(view) -> dict[str, float]:
+        return {r: eval_reward(view, r, ps)[r] for r, ps in prompts.items()}
+
+    def grpo(name: str, rewards_: dict, datasets: dict, **extra) -> str:
+        cfg = GRPOConfig(adapter=name, rewards=rewards_, datasets=datasets, cfg_scale=EVAL_CFG, updates=n_updates,
+                         out_dir=str(out / name), **{**TEACHER_SETTINGS, **extra, **shared})
+        trainer = GRPOTrainer(model, cfg, prompt_source=train_source)
+        trainer.train(resume=True)
+        trainer.keep_ema_weights()
+        return str(out / name / "adapter")
+
+    rows = {"base": scores(adapters.view(model, None))}
+    teachers = {}
+    for task, reward in DISTILL_TEACHERS.items():
+        teachers[task] = grpo(f"teacher_{task}", {reward: 1.0}, {task: 1.0})
+        rows[f"teacher ({task}: {reward})"] = scores(adapters.view(model, f"teacher_{task}"))
+    grpo("grpo_mix", {r: 1.0 for r in DISTILL_TEACHERS.values()}, {t: 1.0 for t in DISTILL_TEACHERS},
+         reward_routing="task", task_rewards=DISTILL_TEACHERS)
+    rows["GRPO-Mix"] = scores(adapters.view(model, "grpo_mix"))
+    coldstart.merge(model, {f"teacher_{task}": 1.0 for task in DISTILL_TEACHERS}, name="merge")
+    rows["merge (delta average)"] = scores(adapters.view(model, "merge"))
+    merge_dir = adapters.save(model, "merge", out / "merge")
+    variant = "".join(f"_{k}={_slug(v)}" for k, v in sorted(student.items()))
+    cfg = OPDConfig(**{**dict(adapter="student", init_adapter=str(merge_dir), teachers=teachers,
+                              datasets={t: 1.0 for t in DISTILL_TEACHERS}, cfg_scale=EVAL_CFG, updates=n_updates,
+                              lr=TEACHER_SETTINGS["lr"], out_dir=str(out / f"opd{variant}")), **shared, **student})
+    trainer = OPDTrainer(model, cfg, prompt_source=train_source)
+    trainer.train(resume=True)
+    trainer.keep_ema_weights()
+    label = "".join(f", {k}={v}" for k, v in sorted(student.items()))
+    rows[f"Flow-OPD (merge init{label})"] = scores(adapters.view(model, "student"))
+    table = pd.DataFrame(rows).T
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / f"distill{variant}.csv")
+    return table
+
+
 def gradient_cosines(reward: str, batches: int = 4, **overrides) -> list[float]:
     """Pairwise cosines of the GRPO gradients of `batches` independent updates at the base."""
     torch.manual_seed(0)
@@ -103,15 +181,21 @@ def gradient_cosines(reward: str, batches: int = 4, **overrides) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=("train", "cosine"))
-    parser.add_argument("reward", choices=sorted(TASK_OF))
+    parser.add_argument("experiment", choices=("train", "cosine", "distill"))
+    parser.add_argument("reward", nargs="?", choices=sorted(TASK_OF), help="train, cosine: the reward")
     parser.add_argument("--updates", type=int, default=20)
     parser.add_argument("--batches", type=int, default=4, help="cosine: independent batches")
     parser.add_argument("--out", default=None, help="train: run directory (default runs/probe_<reward>)")
     parser.add_argument("-c", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a GRPOConfig field, e.g. -c lr=0.01 -c minibatches=1 -c beta=0")
+                        help="a config field, e.g. -c lr=0.01 -c minibatches=1 -c beta=0 (distill: of the student)")
     args = parser.parse_args(argv)
     overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.overrides)}
+    if args.experiment == "distill":
+        table = distill(args.out or "runs/probe_distill", args.updates, **overrides)  # -c: the student's fields
+        print(table.round(3).to_string())
+        return
+    if args.reward is None:
+        parser.error(f"{args.experiment} needs a reward: one of {sorted(TASK_OF)}")
     if args.experiment == "train":
         before, after = train(args.reward, args.updates, args.out or f"runs/probe_{args.reward}", **overrides)
         print(f"{args.reward} {overrides}: before {before} -> after {after} ({args.updates} updates)")

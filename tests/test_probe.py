@@ -25,3 +25,20 @@ def test_train_reports_before_and_after_and_cosine_is_a_cosine(tmp_path, monkeyp
     cosines = probe.gradient_cosines("probe_redness", batches=3, **{k: v for k, v in tiny.items()
                                                                     if k not in ("lr", "minibatches", "beta")})
     assert len(cosines) == 3 and all(-1 <= c <= 1 for c in cosines)
+
+
+def test_distill_trains_teachers_merge_mix_and_student(tmp_path, monkeypatch):
+    monkeypatch.setattr(probe, "EVAL_PROMPTS", 4)
+    shared = dict(prompts_per_update=2, group_size=2, sde_steps=2)
+    table = probe.distill(str(tmp_path), n_updates=1, shared=shared)
+    assert list(table.columns) == ["probe_redness", "probe_colour_area"] and len(table) == 6
+    assert table.notna().all().all()
+    assert table.loc["base"].tolist() != table.loc["Flow-OPD (merge init)"].tolist()
+    assert (tmp_path / "distill.csv").exists() and (tmp_path / "opd" / "adapter").is_dir()
+    # a student variant reuses the finished teachers (same numbers) and trains into its own folder
+    variant = probe.distill(str(tmp_path), n_updates=1, shared=shared, mar_lambda=0.0)
+    assert variant.iloc[:5].equals(table.iloc[:5])
+    assert variant.index[-1] == "Flow-OPD (merge init, mar_lambda=0.0)"
+    assert (tmp_path / "opd_mar_lambda=0.0" / "adapter").is_dir()
+    assert all(probe.named_colour(p) for p in probe.colour_prompts(5, "train", 0))
+    assert probe._slug({"geneval": 3, "pickscore": 1}) == "geneval:3,pickscore:1"
