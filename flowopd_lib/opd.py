@@ -41,14 +41,18 @@ def step_kl(v: torch.Tensor, v_target: torch.Tensor, x: torch.Tensor, sigma, sig
     """Per-sample KL [B] between the student's and the target's SDE step at states x [B, ...].
 
     'exact': the Gaussian KL `w(s) ||v - v_target||^2` (sum over dimensions);
-    'released': the released code's scale, averaged over dimensions and without the |dt| factor."""
+    'released': the released code's scale, averaged over dimensions and without the |dt| factor;
+    'uniform': `||v - v_target||^2` (sum over dimensions), the same weight at every step. Not a KL:
+    an ablation of the step weighting, since w(s) weighs late steps ~100x more than early ones."""
     kl = flow.step_kl(v, v_target, x, sigma, sigma_next, noise_level)
     if scaling == "exact":
         return kl
     if scaling == "released":
         dt = (torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(sigma, dtype=torch.float32)).abs()
         return kl / (dt.to(kl.device) * x[0].numel())
-    raise ValueError(f"kl scaling={scaling!r}: use 'exact' or 'released'")
+    if scaling == "uniform":
+        return kl / flow.kl_weight(sigma, sigma_next, noise_level).to(kl.device)
+    raise ValueError(f"kl scaling={scaling!r}: use 'exact', 'released' or 'uniform'")
 
 
 def kl_loss(kl: torch.Tensor) -> torch.Tensor:
@@ -99,8 +103,9 @@ class OPDConfig(OnPolicyConfig):
     soft_weights: dict = param(None, "task -> weight of its teacher in 'soft' routing (default: equal)",
                                default_factory=dict)
     objective: str = param("kl", "training objective (module docstring)", choices=OBJECTIVES)
-    kl_scaling: str = param("exact", "'exact' Gaussian KL or the released per-dimension, no-|dt| scale",
-                            choices=("exact", "released"))
+    kl_scaling: str = param("exact", "'exact' Gaussian KL, the released per-dimension no-|dt| scale, or "
+                            "'uniform' (squared velocity error, every step weighted the same: an ablation)",
+                            choices=("exact", "released", "uniform"))
     reward_to_go: bool = param(False, "pg_logratio: credit each action with the rewards of the steps after it")
     clip_range: float = param(1e-4, "PPO ratio clip of the policy-gradient objectives", range=(0, 1))
     mar_lambda: float = param(0.02, "weight of Manifold Anchor Regularization (0 = off)", range=(0, None))

@@ -25,6 +25,8 @@ def test_kl_is_zero_for_equal_velocities_and_matches_the_gaussian_formula():
     assert torch.allclose(step_kl(v, u, x, S, S_NEXT, A), expected, rtol=1e-4)
     released = step_kl(v, u, x, S, S_NEXT, A, scaling="released")
     assert torch.allclose(released, expected / (S - S_NEXT) / 32, rtol=1e-4)
+    uniform = step_kl(v, u, x, S, S_NEXT, A, scaling="uniform")
+    assert torch.allclose(uniform, ((v - u) ** 2).flatten(1).sum(1), rtol=1e-4)
 
 
 def test_reward_to_go_and_baselines():
