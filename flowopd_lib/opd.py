@@ -127,6 +127,9 @@ class OPDConfig(OnPolicyConfig):
         unknown = [t for t in self.soft_weights if t not in self.teachers]
         if unknown:
             raise ConfigError(f"soft_weights names task(s) {unknown} without a teacher; teachers: {sorted(self.teachers)}")
+        if self.ode_after_trained and self.objective in ("kl_rtg", "pg_logratio"):
+            raise ConfigError(f"objective={self.objective!r} scores every step of the trajectory, which needs SDE "
+                              "steps throughout: set ode_after_trained=False or use objective 'kl'")
 
 
 def teacher_name(task: str) -> str:

@@ -61,7 +61,8 @@ class OnPolicyConfig(Config):
                                        "their rewards differ only through the SDE steps that are trained")
     ode_after_trained: bool = param(False, "sample the untrained steps (after the first train_fraction) with the "
                                     "ODE, as Flow-GRPO-Fast and MixGRPO do: rewards then vary only through the "
-                                    "noise of the trained steps, which lowers the variance of their gradient")
+                                    "noise of the trained steps (on the toy GenEval it did not make the gradient "
+                                    "less noisy: README)")
     cfg_scale: float = param(1.0, "classifier-free guidance in rollouts and training (1 = off)", range=(1, None))
     shift: float = param(1.0, "timestep shift of the sampling grid (3 for SD3.5)", range=(0, None))
     prompt_root: str | None = param(None, "a Flow-GRPO dataset/ folder to train on (None = the toy world's prompts)")

@@ -128,6 +128,7 @@ def test_shared_initial_noise_is_shared_within_groups_only(tmp_path):
     assert not torch.equal(y0[0], y0[1])
     assert torch.equal(x0[0], y0[0]) and torch.equal(x1[0], y1[0])  # a group's first sample is unchanged
 
+
 def test_ode_after_trained_makes_only_the_trained_steps_random(tmp_path):
     cfg = tiny_cfg(tmp_path, sde_steps=4, train_fraction=0.5, ode_after_trained=True, shared_initial_noise=True)
     trainer = GRPOTrainer(tiny_model(), cfg)
@@ -139,7 +140,6 @@ def test_ode_after_trained_makes_only_the_trained_steps_random(tmp_path):
     assert torch.allclose(replay, traj.latents[:, 3], atol=1e-6)
     plain = GRPOTrainer(tiny_model(), tiny_cfg(tmp_path, sde_steps=4, train_fraction=0.5)).rollout(0)
     assert torch.isfinite(plain.log_probs).all()
-
 
 
 def test_chunked_rollout_scores_on_a_worker_thread_and_equals_one_batch(tmp_path):

@@ -143,6 +143,8 @@ def test_unknown_task_label_is_a_clear_error(tmp_path):
     g = save_random_adapter(tmp_path, "g", 1)
     with pytest.raises(ConfigError, match="no teacher for task"):
         opd_cfg(tmp_path, {"geneval": g}, datasets={"ocr": 1.0})
+    with pytest.raises(ConfigError, match="ode_after_trained=False"):
+        opd_cfg(tmp_path, {"geneval": g}, objective="pg_logratio", ode_after_trained=True)
     trainer = OPDTrainer(tiny_model(), opd_cfg(tmp_path, {"geneval": g}))
     traj = trainer.rollout(0)
     traj.prompts[0].task = "ocr"
