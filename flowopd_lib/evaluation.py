@@ -11,7 +11,7 @@ steps, CFG and seeds (every model starts from the same noise), each task judged 
     Avg              mean of the normalised metrics, as the paper's Avg column
 
 With `cache_dir`, each (model, task) result is stored under a key made of the model's weights (the
-base's and its adapter's, see `fingerprint`) and the protocol, so a study evaluates each adapter
+base's and its adapter's, see `fingerprint`), the judging reward's version and the protocol, so a study evaluates each adapter
 once: the stage that trains it and the summary that tabulates it share the measurement.
 """
 from __future__ import annotations
@@ -91,6 +91,7 @@ def fingerprint(model) -> str:
 
 def _cache_key(model_fingerprint: str, task: str, prompts: list, reward: str | None, protocol: dict) -> str:
     text = json.dumps({"model": model_fingerprint, "task": task, "reward": reward, "prompts": [p.text for p in prompts],
+                       "reward_version": rewards.version(reward or task),
                        **protocol}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

@@ -71,3 +71,20 @@ def test_cache_reuses_the_same_weights_and_misses_changed_ones(tmp_path, monkeyp
     evaluation.evaluate({"plain": fresh}, **protocol)  # a plain model: all its weights count, reused when unchanged
     evaluation.evaluate({"plain": fresh}, **protocol)
     assert len(calls) == 12
+
+
+def test_cache_misses_when_the_judging_scorer_is_retrained(tmp_path, monkeypatch):
+    from flowopd_lib import rewards, rollout
+
+    model = ToyFlowModel("tiny")
+    calls = []
+    generate = rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    protocol = dict(tasks=("pickscore",), n_prompts=4, steps=2, cfg_scale=2.0, seed=1, cache_dir=tmp_path)
+    assert len(rewards.version("pickscore")) == 16 and rewards.version("geneval") == ""
+    evaluation.evaluate(model, **protocol)
+    evaluation.evaluate(model, **protocol)
+    assert len(calls) == 1
+    monkeypatch.setitem(rewards._VERSIONS, "pickscore", lambda: "retrained")  # new scorer weights
+    evaluation.evaluate(model, **protocol)
+    assert len(calls) == 2

@@ -13,9 +13,10 @@ dict whose "reward" entry is the training signal; some add evaluation entries:
 Real-scale scorers for SD3.5-M, named by engine (`rewards.real`): rapidocr (judges ocr),
 pickscore_v1, geneval_server (judges geneval; also strict), deqa_server (also quality 1-5).
 
-`register(name, fn, tasks)` adds a scorer (e.g. a real-scale one wrapping a reward server);
+`register(name, fn, tasks, version)` adds a scorer (e.g. a real-scale one wrapping a reward server);
 `tasks` names the prompt tasks it can judge (None = any prompt: it needs no task-specific spec)
-and `judges(name, task)` asks. `available()` lists the scorers. The toy scorers read pixels only (no access to how an image was made).
+and `judges(name, task)` asks. `version(name)` identifies a learned scorer's weights (the
+evaluation cache keys on it, so retraining the toy PickScore never reuses its old scores). `available()` lists the scorers. The toy scorers read pixels only (no access to how an image was made).
 """
 from __future__ import annotations
 
@@ -28,13 +29,24 @@ from . import deqa, geneval, ocr, real, taste
 Scorer = Callable[[torch.Tensor, list], dict]
 _REGISTRY: dict[str, Scorer] = {}
 _TASKS: dict[str, tuple[str, ...] | None] = {}
+_VERSIONS: dict[str, Callable[[], str]] = {}
 
 
-def register(name: str, fn: Scorer, tasks: tuple[str, ...] | None = None) -> Scorer:
-    """Register a scorer under a name (replacing any previous one); returns it."""
+def register(name: str, fn: Scorer, tasks: tuple[str, ...] | None = None,
+             version: Callable[[], str] | None = None) -> Scorer:
+    """Register a scorer under a name (replacing any previous one); returns it. `version`
+    returns a string that changes when the scorer's behaviour does (e.g. a digest of its weights)."""
     _REGISTRY[name] = fn
     _TASKS[name] = tuple(tasks) if tasks is not None else None
+    _VERSIONS[name] = version or (lambda: "")
     return fn
+
+
+def version(name: str) -> str:
+    """The registered scorer's version string ("" for a programmatic one without weights)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; available: {available()}")
+    return _VERSIONS[name]()
 
 
 def judges(name: str, task: str) -> bool:
@@ -62,6 +74,11 @@ def _pickscore(images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
     return pickscore.score(images, prompts)
 
 
+def _pickscore_version() -> str:
+    from . import pickscore
+    return pickscore.weights_digest()
+
+
 def _taste(images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
     terms = taste.taste_terms(images, prompts)
     return {"reward": terms.pop("taste"), **terms}
@@ -69,7 +86,7 @@ def _taste(images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
 
 register("geneval", geneval.score, tasks=("geneval",))
 register("ocr", ocr.score, tasks=("ocr",))
-register("pickscore", _pickscore)
+register("pickscore", _pickscore, version=_pickscore_version)
 register("deqa", deqa.score)
 register("taste", _taste)
 register("rapidocr", real.rapidocr.score, tasks=("ocr",))
@@ -77,4 +94,4 @@ register("pickscore_v1", real.PickScoreV1())
 register("geneval_server", real.GenEvalServer(), tasks=("geneval",))
 register("deqa_server", real.DeQAServer())
 
-__all__ = ["available", "deqa", "geneval", "judges", "ocr", "real", "register", "score", "taste"]
+__all__ = ["available", "deqa", "geneval", "judges", "ocr", "real", "register", "score", "taste", "version"]

@@ -25,6 +25,7 @@ deterministically and ships the weights (assets/pickscore_toy/), printing held-o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from functools import lru_cache
@@ -235,7 +236,7 @@ def training_prompts(n: int, seed: int) -> list[Prompt]:
 
 
 def train(steps: int = 1800, batch_groups: int = 16, lr: float = 3e-3, seed: int = 0,
-          n_prompts: int = 3000, out_dir: Path | None = WEIGHTS_DIR) -> dict:
+          n_prompts: int = 3000, width: int = 16, out_dir: Path | None = WEIGHTS_DIR) -> dict:
     """Train the scorer on train-split and fresh prompts, measure it on test-split ones, and
     (with out_dir) save weights + config. Returns what was measured."""
     torch.manual_seed(seed)
@@ -244,7 +245,7 @@ def train(steps: int = 1800, batch_groups: int = 16, lr: float = 3e-3, seed: int
     xt, texts_t, yt = make_data(read_prompts("pickscore", "test"), seed + 1)
     pairs, pairs_t = pairs_of(y), pairs_of(yt)
     t_data = time.time() - t0
-    model = PickScoreToy(vocabulary())
+    model = PickScoreToy(vocabulary(), width=width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -284,6 +285,12 @@ def train(steps: int = 1800, batch_groups: int = 16, lr: float = 3e-3, seed: int
                   "text_dim": model.embed.embedding_dim, "size": SIZE, "metrics": metrics}
         (out_dir / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return metrics
+
+
+@lru_cache(maxsize=None)
+def weights_digest(weights_dir: Path = WEIGHTS_DIR) -> str:
+    """sha256 (16 hex digits) of the shipped weights file: the scorer's version."""
+    return hashlib.sha256((weights_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=1)
