@@ -3,7 +3,7 @@
 As PickScore is a learned model of human preference, this scorer is a learned model of the
 toy world's hidden taste (`taste.py`): GRPO optimises it, and because it is only a proxy (a
 small net that saw only rendered, degraded and mismatched images), the gap between it and the
-taste measures reward hacking. Trained in the repo on synthetic preferences: for each of 3000
+taste measures reward hacking. Trained in the repo on synthetic preferences: for each of 8000
 prompts (the train split plus fresh grammar prompts, never a test prompt), a group of GROUP
 images (clean render, another layout, a wrong scene, generated-looking degradations, another
 prompt's image) labelled by the taste. A preference pair is two images of one prompt whose
@@ -235,8 +235,8 @@ def training_prompts(n: int, seed: int) -> list[Prompt]:
     return prompts
 
 
-def train(steps: int = 1800, batch_groups: int = 16, lr: float = 3e-3, seed: int = 0,
-          n_prompts: int = 3000, width: int = 16, out_dir: Path | None = WEIGHTS_DIR) -> dict:
+def train(steps: int = 6000, batch_groups: int = 16, lr: float = 3e-3, seed: int = 0,
+          n_prompts: int = 8000, width: int = 16, out_dir: Path | None = WEIGHTS_DIR) -> dict:
     """Train the scorer on train-split and fresh prompts, measure it on test-split ones, and
     (with out_dir) save weights + config. Returns what was measured."""
     torch.manual_seed(seed)
