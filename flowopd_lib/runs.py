@@ -18,7 +18,10 @@ earlier one); every stage gets `out_dir` = papermill_runs/outputs/<run>/<stage>,
 shared parameters its notebook declares. Stages whose notebook declares `eval_cache` share the
 run's `eval_cache/` folder, so each adapter is evaluated once per run (the summary reuses the
 stages' numbers). A finished stage leaves `.done` and is skipped when the run is repeated; an
-interrupted stage re-runs and its trainer resumes from its checkpoints. A failing stage stops the
+interrupted stage re-runs and its trainer resumes from its checkpoints. A stage whose parameters
+differ from those it ran with (an edited spec, another `-p`), and every stage that consumes it,
+re-runs from scratch: its old folder is kept as `<stage>.previous`, so nothing stale is skipped or
+resumed. A failing stage stops the
 run naming the notebook, the cell and the error; everything produced so far stays. The run
 directory also holds the spec, the git commit and package versions.
 
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -153,6 +157,20 @@ def plan_stages(spec: dict, run_dir: Path, overrides: dict | None = None) -> lis
     return plan
 
 
+def parameters_changed(out_dir: Path, params: dict) -> bool:
+    """Whether the stage folder holds a run made with other parameters (its parameters.yaml)."""
+    recorded = out_dir / "parameters.yaml"
+    return recorded.exists() and yaml.safe_load(recorded.read_text()) != yaml.safe_load(yaml.safe_dump(params))
+
+
+def set_aside(out_dir: Path) -> Path:
+    """Move a stale stage folder to `<stage>.previous` (replacing an older one); returns where."""
+    previous = out_dir.with_name(out_dir.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    out_dir.rename(previous)
+    return previous
+
+
 def run(spec_path: str | Path, only: list[str] | None = None, start: str | None = None,
         overrides: dict | None = None, outputs: Path = OUTPUTS, jobs: int = 1, report: bool = True) -> Path:
     """Execute the spec's stages in order (see the module docstring); returns the run directory."""
@@ -164,11 +182,16 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
             raise RunError(f"no stage {name!r} in {spec_path}; stages: {names}")
     plan = plan_stages(spec, run_dir, overrides)  # before anything runs: spec errors fail fast
     write_provenance(run_dir, spec, overrides)
-    started, todo = False, []
+    started, todo, changed = False, [], set()
     for stage, out_dir, params in plan:
         started = started or start is None or stage["name"] == start
         selected = started and (not only or stage["name"] in only)
         done = out_dir / ".done"
+        if selected and (parameters_changed(out_dir, params) or dependencies(stage) & changed):
+            changed.add(stage["name"])
+            previous = set_aside(out_dir)
+            print(f"[{spec['name']}] {stage['name']}: its parameters or inputs changed since it ran; "
+                  f"re-running (old outputs: {previous})")
         if not selected or (done.exists() and not only and start is None):
             if report:  # a child of --jobs stays quiet about the stages it does not run
                 print(f"[{spec['name']}] {stage['name']}: {'done, skipped' if done.exists() else 'not selected'}")

@@ -51,6 +51,17 @@ def test_stages_run_in_order_consume_earlier_outputs_and_skip_when_done(spec, tm
     runs.run(spec, outputs=out)
     assert capsys.readouterr().out.count("done, skipped") == 3
 
+    data = yaml.safe_load(spec.read_text())  # an edited stage re-runs, with every stage that consumes it
+    data["stages"][1]["parameters"]["sde_steps"] = 3
+    spec.write_text(yaml.safe_dump(data))
+    runs.run(spec, outputs=out)
+    printed = capsys.readouterr().out
+    assert "teacher_geneval: done, skipped" in printed
+    assert printed.count("changed since it ran; re-running") == 2 and "coldstart: running" in printed
+    assert yaml.safe_load((run_dir / "teacher_ocr" / "parameters.yaml").read_text())["sde_steps"] == 3
+    assert yaml.safe_load((run_dir / "teacher_ocr.previous" / "parameters.yaml").read_text())["sde_steps"] == 2
+    assert (run_dir / "coldstart" / ".done").exists() and (run_dir / "coldstart.previous" / ".done").exists()
+
 
 def test_a_failing_stage_names_notebook_cell_and_error(spec, tmp_path):
     data = yaml.safe_load(spec.read_text())
