@@ -11,8 +11,9 @@ steps, CFG and seeds (every model starts from the same noise), each task judged 
     Avg              mean of the normalised metrics, as the paper's Avg column
 
 With `cache_dir`, each (model, task) result is stored under a key made of the model's weights (the
-base's and its adapter's, see `fingerprint`), the judging reward's version and the protocol, so a study evaluates each adapter
-once: the stage that trains it and the summary that tabulates it share the measurement.
+base's and its adapter's, see `fingerprint`), the judging reward's version (`rewards.version`) and
+the protocol, so a study evaluates each adapter once: the stage that trains it and the summary that
+tabulates it share the measurement.
 """
 from __future__ import annotations
 

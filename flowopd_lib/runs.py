@@ -21,8 +21,8 @@ stages' numbers). A finished stage leaves `.done` and is skipped when the run is
 interrupted stage re-runs and its trainer resumes from its checkpoints. A stage whose parameters
 differ from those it ran with (an edited spec, another `-p`), and every stage that consumes it,
 re-runs from scratch: its old folder is kept as `<stage>.previous`, so nothing stale is skipped or
-resumed. A failing stage stops the
-run naming the notebook, the cell and the error; everything produced so far stays. The run
+resumed. A failing stage stops the run naming the notebook, the cell and the error; everything
+produced so far stays. The run
 directory also holds the spec, the git commit and package versions.
 
     python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N]
@@ -189,9 +189,9 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
         done = out_dir / ".done"
         if selected and (parameters_changed(out_dir, params) or dependencies(stage) & changed):
             changed.add(stage["name"])
-            previous = set_aside(out_dir)
-            print(f"[{spec['name']}] {stage['name']}: its parameters or inputs changed since it ran; "
-                  f"re-running (old outputs: {previous})")
+            if out_dir.exists():  # a consumer of a changed stage may never have run
+                print(f"[{spec['name']}] {stage['name']}: its parameters or inputs changed since it ran; "
+                      f"re-running (old outputs: {set_aside(out_dir)})")
         if not selected or (done.exists() and not only and start is None):
             if report:  # a child of --jobs stays quiet about the stages it does not run
                 print(f"[{spec['name']}] {stage['name']}: {'done, skipped' if done.exists() else 'not selected'}")

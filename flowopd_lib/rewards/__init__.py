@@ -13,10 +13,11 @@ dict whose "reward" entry is the training signal; some add evaluation entries:
 Real-scale scorers for SD3.5-M, named by engine (`rewards.real`): rapidocr (judges ocr),
 pickscore_v1, geneval_server (judges geneval; also strict), deqa_server (also quality 1-5).
 
-`register(name, fn, tasks, version)` adds a scorer (e.g. a real-scale one wrapping a reward server);
-`tasks` names the prompt tasks it can judge (None = any prompt: it needs no task-specific spec)
-and `judges(name, task)` asks. `version(name)` identifies a learned scorer's weights (the
-evaluation cache keys on it, so retraining the toy PickScore never reuses its old scores). `available()` lists the scorers. The toy scorers read pixels only (no access to how an image was made).
+`register(name, fn, tasks, version)` adds a scorer (e.g. a real-scale one wrapping a reward
+server); `tasks` names the prompt tasks it can judge (None = any prompt: it needs no task-specific
+spec) and `judges(name, task)` asks. `version(name)` identifies a learned scorer's weights (the
+evaluation cache keys on it, so retraining the toy PickScore never reuses its old scores).
+`available()` lists the scorers. The toy scorers read pixels only (no access to how an image was made).
 """
 from __future__ import annotations
 
