@@ -2,7 +2,7 @@
 
 Phase 1 fits the tiny autoencoder to renders (with latent noise, so the decoder forgives the
 imperfect latents a generator produces) and measures per-channel latent statistics.
-Phase 2 trains the MMDiT and the text encoder jointly with the rectified-flow loss on latents of
+Phase 2 trains the MMDiT and the text encoders jointly with the rectified-flow loss on latents of
 renders paired with web-like noisy captions (`toy.pretraining_batch`), caption dropout for CFG,
 an EMA of the weights, the loss logged per noise bin, and checkpoints for resuming.
 Data and noise of step k depend only on (seed, k), so a resumed run equals an uninterrupted one.
@@ -38,7 +38,7 @@ class PretrainConfig(Config):
     warmup: int = param(200, "linear warm-up steps", range=(0, None))
     weight_decay: float = param(0.01, "AdamW weight decay", range=(0, 1))
     grad_clip: float = param(1.0, "gradient-norm clip", range=(0, None))
-    caption_noise: float = param(0.3, "probability a caption is left vague or wrong (toy.pretraining_batch)", range=(0, 1))
+    caption_noise: float = param(0.2, "probability a caption is left vague or wrong (toy.pretraining_batch)", range=(0, 1))
     caption_dropout: float = param(0.1, "probability of the empty caption (trains the unconditional branch for CFG)", range=(0, 1))
     ema_decay: float = param(0.999, "EMA decay of the flow weights (the EMA is what is saved)", range=(0, 1))
     time_budget_minutes: float | None = param(None, "stop the flow phase after this many minutes", range=(0, None))
@@ -98,7 +98,7 @@ def set_latent_statistics(model: ToyFlowModel, cfg: PretrainConfig, n: int = 204
 
 
 def _flow_parameters(model: ToyFlowModel) -> list[torch.nn.Parameter]:
-    return list(model.transformer.parameters()) + list(model.text_encoder.parameters())
+    return [p for module in (model.transformer, *model.text_encoders) for p in module.parameters()]
 
 
 def train_flow(model: ToyFlowModel, cfg: PretrainConfig, run: Run | None = None,
@@ -112,19 +112,24 @@ def train_flow(model: ToyFlowModel, cfg: PretrainConfig, run: Run | None = None,
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
     ckpt_dir = Path(cfg.out_dir) / "checkpoints"
-    start = 0
+    start, spent = 0, 0.0
     if resume and (last := checkpoint.latest(ckpt_dir)) is not None:
         state = checkpoint.load(last)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
-        start = state["step"]
-        print(f"resumed from {last} (step {start})")
-    t0, metrics = time.time(), {}
-    bar = tqdm(range(start, cfg.steps), desc="flow pretraining", initial=start, total=cfg.steps, mininterval=5)
+        start, spent = state["step"], state.get("elapsed_s", 0.0)
+        print(f"resumed from {last} (step {start}, {spent / 60:.1f} min of the budget spent)")
+    t0, metrics = time.time() - spent, {}  # the time budget counts the minutes before a resume too
+
+    def over_budget() -> bool:
+        return cfg.time_budget_minutes is not None and time.time() - t0 > 60 * cfg.time_budget_minutes
+
+    end = start if over_budget() else cfg.steps
+    bar = tqdm(range(start, end), desc="flow pretraining", initial=start, total=cfg.steps, mininterval=5)
     for step in bar:
-        model.transformer.train()
-        model.text_encoder.train()
+        for module in (model.transformer, *model.text_encoders):
+            module.train()
         g = _step_generator(cfg.seed, step, 2)
         images, captions = toy.pretraining_batch(cfg.batch, seed=_batch_seed(cfg.seed, step, 2),
                                                  caption_noise=cfg.caption_noise, size=cfg.image_size)
@@ -146,19 +151,19 @@ def train_flow(model: ToyFlowModel, cfg: PretrainConfig, run: Run | None = None,
             metrics = {"loss": out.loss.item(), "grad_norm": grad_norm.item(), "lr": opt.param_groups[0]["lr"],
                        "elapsed_s": time.time() - t0, **flow.loss_per_noise_bin(out.sigma, out.per_sample)}
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        over_budget = cfg.time_budget_minutes is not None and time.time() - t0 > 60 * cfg.time_budget_minutes
-        last = done == cfg.steps or over_budget
+        stop = over_budget()
+        last = done == cfg.steps or stop
         if run is not None and (step % cfg.log_every == 0 or last):
             run.log(metrics, step=done)
         if done % cfg.checkpoint_every == 0 or last:
             checkpoint.save(ckpt_dir, done, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                             "ema": ema.state_dict()})
+                                             "ema": ema.state_dict(), "elapsed_s": time.time() - t0})
         if eval_fn is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
             evaluation = _evaluate_with_ema(model, params, ema, eval_fn)
             metrics.update(evaluation)
             if run is not None:
                 run.log(evaluation, step=done)
-        if over_budget:
+        if stop:
             print(f"time budget of {cfg.time_budget_minutes} min reached at step {done}")
             break
     ema.copy_to(params)  # the EMA weights are the model

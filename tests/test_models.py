@@ -22,6 +22,15 @@ def test_tokenizer_keeps_glyphs_and_grammar_words(tiny):
     assert "<unk>" not in [tiny.tokenizer.vocab[i] for i in tiny.tokenizer(PROMPTS).flatten().tolist()]
 
 
+def test_context_tokens_see_the_whole_prompt(tiny):
+    """The MMDiT's context tokens come from a bidirectional T5 (as in SD3): the first quoted glyph's
+    embedding depends on the glyph after it, which CLIP's causal tokens could not."""
+    with torch.no_grad():
+        a, b = tiny.text_embeddings(['a sign that says "A7"', 'a sign that says "A8"']).tokens
+    first_glyph = 6  # <bos> a sign that says " A
+    assert not torch.allclose(a[first_glyph], b[first_glyph])
+
+
 def test_velocity_and_decode_shapes(tiny):
     x = torch.randn(4, *tiny.latent_shape)
     v = tiny.velocity(x, torch.rand(4), tiny.encode_prompts(PROMPTS))
@@ -84,6 +93,21 @@ def test_pretraining_learns_and_resumes_exactly(tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
     losses = [float(r["loss"]) for r in rows if r.get("loss")]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_pretraining_time_budget_counts_across_resumes(tmp_path, monkeypatch):
+    """A run stopped by its time budget, resumed, trains no further step (no fresh budget)."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = PretrainConfig(size="tiny", ae_steps=2, ae_batch=8, batch=8, steps=50, time_budget_minutes=1e-4,
+                         out_dir=str(tmp_path / "run"))
+    pretrain(cfg, resume=False)
+    from flowopd_lib import checkpoint
+    assert checkpoint.latest(tmp_path / "run" / "checkpoints").name == "step_0000001"
+    pretrain(cfg, resume=True)
+    assert checkpoint.latest(tmp_path / "run" / "checkpoints").name == "step_0000001"
+    more = PretrainConfig(**{**cfg.to_dict(), "time_budget_minutes": 10.0, "steps": 3})
+    pretrain(more, resume=True)  # a larger budget continues where the run stopped
+    assert checkpoint.latest(tmp_path / "run" / "checkpoints").name == "step_0000003"
 
 
 def test_pretraining_batch_feeds_the_model(tiny):
