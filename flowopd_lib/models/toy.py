@@ -1,7 +1,7 @@
 """The toy world's text-to-image model: SD3's architecture in miniature, built in code.
 
   prompt --word tokenizer--> tiny T5 encoder   --> tokens [B, L, D]  (MMDiT context)
-                         \-> tiny CLIP encoder --> pooled [B, P]    (AdaLN conditioning)
+                         `-> tiny CLIP encoder --> pooled [B, P]    (AdaLN conditioning)
   latent [B, C, 8, 8] --SD3Transformer2DModel (MMDiT)--> velocity
   latent --tiny conv decoder--> image [B, 3, 32, 32]
 
@@ -13,8 +13,8 @@ safetensors file plus a JSON config.
 
 As in SD3, the token sequence comes from a T5 encoder (bidirectional, relative positions) and the
 pooled vector from CLIP. With CLIP's causal, absolute-position tokens as the context instead, the
-base learned to bind quoted glyphs to their places on the sign half as fast (OCR 0.10 against 0.22
-after the same 14 minutes of OCR-only pretraining; notebooks/01_base_model.ipynb).
+base learned to bind quoted glyphs to their places on the sign half as fast (OCR 0.092 against 0.205
+on 48 test prompts after the same 14 minutes of OCR-only pretraining; notebooks/01_base_model.ipynb).
 """
 from __future__ import annotations
 
