@@ -47,17 +47,22 @@ def relations(box_a, box_b, threshold: float = 0.5) -> set[str]:
     return found
 
 
+def _corner_grid(low: int, high: int) -> np.ndarray:
+    """Corner coordinates in [low, high] on the latent grid's phase (all of them if none is)."""
+    free = np.arange(low, high + 1)
+    on_grid = free[free % LATENT_CELL == LATENT_CELL // 2]
+    return on_grid if len(on_grid) else free
+
+
 def place(sides: list[int], size: int, rng: np.random.Generator, relation: str | None = None,
           tries: int = 100) -> list[tuple[int, int]]:
     """Top-left corners for boxes of these sides, inside the image with a margin and a gap
     between boxes; with `relation`, box 1 stands in that relation to box 0."""
     margin = gap = max(1, size // 32)
+    grids = [_corner_grid(margin, size - margin - side) for side in sides]
     for _ in range(tries):
         corners = []
-        for side in sides:
-            free = np.arange(margin, size - margin - side + 1)
-            on_grid = free[free % LATENT_CELL == LATENT_CELL // 2]
-            grid = on_grid if len(on_grid) else free
+        for side, grid in zip(sides, grids):
             for y, x in grid[rng.integers(len(grid), size=(30, 2))].tolist():
                 if all(y >= cy + cs + gap or cy >= y + side + gap or x >= cx + cs + gap or cx >= x + side + gap
                        for (cy, cx), cs in zip(corners, sides)):
