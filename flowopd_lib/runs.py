@@ -65,6 +65,9 @@ def load_spec(path: str | Path) -> dict:
         missing = {"name", "notebook"} - set(stage)
         if missing:
             raise RunError(f"{path}: stage {stage} lacks {sorted(missing)}")
+        if not _REF.fullmatch("{%s}" % stage["name"]):  # later stages refer to it as {name}
+            raise RunError(f"{path}: stage name {stage['name']!r} may hold only letters, digits and '_' "
+                           f"(it is referred to as {{name}}); e.g. {re.sub(r'[^A-Za-z0-9_]', '_', str(stage['name']))!r}")
         if not (ROOT / stage["notebook"]).exists():
             raise RunError(f"{path}: stage {stage['name']!r}: notebook {stage['notebook']} does not exist")
     if len(set(names)) != len(names):

@@ -77,6 +77,10 @@ def test_spec_errors_are_caught_before_running(spec, tmp_path):
     spec.write_text(yaml.safe_dump(data))
     with pytest.raises(runs.RunError, match="teacher_nope"):
         runs.run(spec, outputs=tmp_path / "outputs")
+    data["stages"][2]["name"] = "cold-start"  # a name that no {reference} could match
+    spec.write_text(yaml.safe_dump(data))
+    with pytest.raises(runs.RunError, match="'cold_start'"):
+        runs.run(spec, outputs=tmp_path / "outputs")
     with pytest.raises(runs.RunError, match="key=value"):
         runs.parse_override("updates")
     assert runs.parse_override("updates=5") == ("updates", 5)
