@@ -107,6 +107,27 @@ def test_mixed_adapter_labels_equal_per_adapter_forwards(tmp_path):
         assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5)
 
 
+def test_labels_equal_each_samples_teacher_and_the_anchor_computed_alone(tmp_path):
+    """label() computes routed-teacher and MAR-anchor velocities in batched mixed-adapter forwards;
+    each sample's labels must equal its own teacher's and the base's velocities computed alone."""
+    teachers = {"geneval": save_random_adapter(tmp_path, "g", 1), "ocr": save_random_adapter(tmp_path, "o", 2)}
+    trainer = OPDTrainer(tiny_model(), opd_cfg(tmp_path, teachers, prompts_per_update=4, mar_lambda=0.1))
+    traj = trainer.rollout(0)
+    labels, _ = trainer.label(traj, 0)
+    assert labels["v_anchor"].shape == labels["v_target"][:, :trainer.cfg.trained_steps].shape
+    for k in range(trainer.cfg.trained_steps):
+        for i, p in enumerate(traj.prompts):
+            one = traj.select(torch.tensor([i]))
+            with torch.no_grad():
+                with adapters.active(trainer.model, teacher_name(p.task)):
+                    teacher = trainer.policy_velocity(one, k)
+                with adapters.active(trainer.model, None):
+                    base = trainer.policy_velocity(one, k)
+            assert torch.allclose(labels["v_target"][i:i + 1, k], teacher, atol=1e-5)
+            assert torch.allclose(labels["v_anchor"][i:i + 1, k], base, atol=1e-5)
+            assert not torch.allclose(teacher, base, atol=1e-5)  # the adapters do change the velocity
+
+
 def test_routing_with_a_single_teacher_equals_the_single_teacher_run(tmp_path):
     g, o = save_random_adapter(tmp_path, "g", 1), save_random_adapter(tmp_path, "o", 2)
     one = OPDTrainer(tiny_model(), opd_cfg(tmp_path, {"geneval": g}, out_dir=str(tmp_path / "one")))
