@@ -2,7 +2,8 @@
 
 Same model, prompts, group size, steps and CFG; OPD routes each prompt to a teacher adapter and
 adds MAR (anchor = the base), GRPO scores with the routed task's reward and adds its KL to the
-base. Prints the time per phase (rollout, label, train) and the ratio OPD / GRPO.
+base. Prints the time per phase (rollout, label, train), the ratio OPD / GRPO, and what one
+labelling forward costs under each adapter routing (where OPD's extra label time goes).
 
     python -m flowopd_lib.bench                      # the shipped toy base, 3 timed updates each
     python -m flowopd_lib.bench --base tiny --updates 2
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +45,23 @@ def timed_updates(trainer, n: int) -> dict[str, float]:
     return out
 
 
+def forward_costs(trainer: OPDTrainer, repeats: int = 5) -> dict[str, float]:
+    """Seconds per guided forward at one step's states of a rollout (uncond + cond), with every
+    sample through the base, through one teacher, and through its routed teacher (mixed batch)."""
+    traj = trainer.rollout(0)
+    routed = trainer.route(traj.prompts)
+
+    def seconds(per_sample: list[str | None]) -> float:
+        trainer.velocities_through(traj, 0, per_sample)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            trainer.velocities_through(traj, 0, per_sample)
+        return (time.perf_counter() - start) / repeats
+
+    return {"base": seconds([None] * len(traj)), "one teacher": seconds([routed[0]] * len(traj)),
+            "routed teachers (mixed)": seconds(routed)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="toy", help="'toy' (shipped base), 'tiny' (random) or a model directory")
@@ -64,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             teachers[task] = str(adapters.save(grpo.model, task, tmp / task))
         opd = OPDTrainer(load_model(args.base), OPDConfig(teachers=teachers, mar_lambda=0.02,
                                                            out_dir=str(tmp / "opd"), **shared))
-        results = {"grpo": timed_updates(grpo, args.updates), "opd": timed_updates(opd, args.updates)}
+        results = {"grpo": timed_updates(grpo, args.updates), "opd": timed_updates(opd, args.updates),
+                   "forward": forward_costs(opd)}
     print(f"{'phase':<14}{'GRPO s':>9}{'OPD s':>9}")
     for key in (*PHASES, "total"):
         print(f"{key:<14}{results['grpo'][key]:>9.2f}{results['opd'][key]:>9.2f}")
@@ -74,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     ratio = results["opd"]["total"] / results["grpo"]["total"]
     print(f"OPD / GRPO wall time per update: {ratio:.2f} (target <= 1.3)")
     results["ratio"] = {"opd_over_grpo": ratio}
+    print(f"one labelling forward ({2 * args.prompts * args.group_size} rows with CFG):")
+    for name, seconds in results["forward"].items():
+        print(f"  {name:<24}{seconds:>6.3f} s")
     return results
 
 

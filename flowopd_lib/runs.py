@@ -47,7 +47,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "papermill_runs" / "outputs"
 KERNEL = "flowopd"
-_REF = re.compile(r"\{([A-Za-z0-9_]+)\}")
+_NAME = r"[A-Za-z0-9_]+"                # what a stage name may hold, so that {name} refers to it
+_REF = re.compile(r"\{(%s)\}" % _NAME)
 
 
 class RunError(RuntimeError):
@@ -65,7 +66,7 @@ def load_spec(path: str | Path) -> dict:
         missing = {"name", "notebook"} - set(stage)
         if missing:
             raise RunError(f"{path}: stage {stage} lacks {sorted(missing)}")
-        if not _REF.fullmatch("{%s}" % stage["name"]):  # later stages refer to it as {name}
+        if not re.fullmatch(_NAME, str(stage["name"])):
             raise RunError(f"{path}: stage name {stage['name']!r} may hold only letters, digits and '_' "
                            f"(it is referred to as {{name}}); e.g. {re.sub(r'[^A-Za-z0-9_]', '_', str(stage['name']))!r}")
         if not (ROOT / stage["notebook"]).exists():
