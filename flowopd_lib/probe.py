@@ -6,18 +6,21 @@ Two diagnostic rewards join the registry when this module is imported:
     probe_colour_area  the area in the colour a GenEval prompt names (0 for prompts without one):
                        prompt-conditional, but no shapes, counts or positions
 
-and three experiments (the README's GRPO diagnosis and probe-distillation tables come from these):
+and four experiments (the README's GRPO diagnosis and probe-distillation tables come from these):
 
     python -m flowopd_lib.probe train probe_redness --updates 21 -c lr=0.01 -c minibatches=1 -c beta=0
     python -m flowopd_lib.probe train geneval --updates 20 -c lr=0.01 -c minibatches=1 -c beta=0
     python -m flowopd_lib.probe cosine probe_redness
     python -m flowopd_lib.probe distill --updates 21
+    python -m flowopd_lib.probe linesearch geneval --batches 16 --out runs/linesearch
 
 `train` runs `GRPOTrainer` and evaluates the reward with the ODE on fixed test prompts (20 steps,
 CFG 3, seed 0) before and after. `cosine` computes the GRPO gradient of independent batches at
 the base (lr 0) and prints their pairwise cosines: near 0 means each update is mostly noise.
-`distill` is Flow-OPD with two teachers that do beat the base (the toy's GenEval/OCR/PickScore
-teachers do not, so their distillation cannot show transfer): a redness teacher for PickScore
+`linesearch` averages the gradients of 16 batches into a clean direction and evaluates the reward
+after one step of several sizes along it (and along one batch's gradient): does a gradient from
+1024 samples point anywhere useful? `distill` is Flow-OPD with two teachers that do beat the base
+(the toy's GenEval/OCR/PickScore teachers do not, so their distillation cannot show transfer): a redness teacher for PickScore
 prompts and a colour-area teacher for GenEval colour prompts, each GRPO-trained alone; their
 merge; GRPO-Mix on both rewards; and the OPD student from the merge, all with the same updates.
 """
@@ -179,9 +182,56 @@ def gradient_cosines(reward: str, batches: int = 4, **overrides) -> list[float]:
     return [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in itertools.combinations(grads, 2)]
 
 
+def gradient_line_search(reward: str, batches: int = 16, step_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+                         n_eval: int = 180, **overrides) -> "pd.DataFrame":
+    """How far one step along a clean GRPO gradient raises the reward, against one batch's gradient.
+
+    At the base (LoRA B = 0), the GRPO gradients of `batches` independent 64-sample updates are
+    averaged into a clean direction. Each direction (the average, and the first batch alone) is
+    stepped at sizes that match one Adam step of lr `step_lr` on every coordinate (a change of norm
+    step_lr * sqrt(#params)), and the reward is evaluated on fixed test prompts (ODE, paired noise).
+    Also returns each batch's cosine to the mean of the others (the per-batch signal fraction)."""
+    import pandas as pd
+
+    torch.manual_seed(0)
+    model = models.load_base("toy")
+    trainer = GRPOTrainer(model, config(reward, "runs/probe_linesearch", lr=0.0, minibatches=1, beta=0.0, ema_decay=0.0,
+                                        **overrides))
+    grads = []
+    for update in range(100, 100 + batches):
+        traj = trainer.rollout(update)
+        labels, _ = trainer.label(traj, update)
+        trainer.optimize(traj, labels, update)
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.params]).clone())
+    grads = torch.stack(grads)
+    loo = [torch.nn.functional.cosine_similarity(g, (grads.sum(0) - g) / (len(grads) - 1), dim=0).item() for g in grads]
+    base = torch.cat([p.detach().flatten() for p in trainer.params]).clone()
+    prompts = data.prompts(TASK_OF[reward], n_eval, "test", 0)
+
+    def evaluate_at(delta: torch.Tensor) -> dict[str, float]:
+        offset = 0
+        with torch.no_grad():
+            for p in trainer.params:
+                p.copy_((base + delta)[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        with adapters.active(model, trainer.cfg.adapter):
+            return eval_reward(model, reward, prompts)
+
+    rows = [{"direction": "none", "step_lr": 0.0, **evaluate_at(torch.zeros_like(base))}]
+    # The loss is -advantage * ratio: the descent direction -grad raises the reward.
+    for name, g in {f"mean of {batches} batches": grads.mean(0), "one batch": grads[0]}.items():
+        for lr in step_lrs:
+            rows.append({"direction": name, "step_lr": lr,
+                         **evaluate_at(-g / g.norm() * lr * base.numel() ** 0.5)})
+    evaluate_at(torch.zeros_like(base))
+    table = pd.DataFrame(rows)
+    table.attrs["loo_cosines"] = loo
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=("train", "cosine", "distill"))
+    parser.add_argument("experiment", choices=("train", "cosine", "distill", "linesearch"))
     parser.add_argument("reward", nargs="?", choices=sorted(TASK_OF), help="train, cosine: the reward")
     parser.add_argument("--updates", type=int, default=20)
     parser.add_argument("--batches", type=int, default=4, help="cosine: independent batches")
@@ -199,6 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.experiment == "train":
         before, after = train(args.reward, args.updates, args.out or f"runs/probe_{args.reward}", **overrides)
         print(f"{args.reward} {overrides}: before {before} -> after {after} ({args.updates} updates)")
+    elif args.experiment == "linesearch":
+        table = gradient_line_search(args.reward, args.batches, **overrides)
+        loo = table.attrs["loo_cosines"]
+        print(table.round(4).to_string())
+        print(f"cosine of each batch's gradient to the mean of the others: mean {sum(loo) / len(loo):.3f}, "
+              f"{[round(c, 3) for c in loo]}")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            table.to_csv(Path(args.out, f"linesearch_{args.reward}.csv"), index=False)
     else:
         cosines = gradient_cosines(args.reward, args.batches, **overrides)
         print(f"{args.reward}: pairwise gradient cosines {[round(c, 3) for c in cosines]}, "

@@ -42,3 +42,16 @@ def test_distill_trains_teachers_merge_mix_and_student(tmp_path, monkeypatch):
     assert (tmp_path / "opd_mar_lambda=0.0" / "adapter").is_dir()
     assert all(probe.named_colour(p) for p in probe.colour_prompts(5, "train", 0))
     assert probe._slug({"geneval": 3, "pickscore": 1}) == "geneval:3,pickscore:1"
+
+
+def test_line_search_steps_along_the_gradient_and_restores_the_base(monkeypatch):
+    tiny = dict(prompts_per_update=2, group_size=4, sde_steps=3)
+    table = probe.gradient_line_search("probe_redness", batches=3, step_lrs=(1e-3, 1.0), n_eval=4, **tiny)
+    assert table["direction"].tolist() == ["none"] + ["mean of 3 batches"] * 2 + ["one batch"] * 2
+    assert table["step_lr"].tolist() == [0.0, 1e-3, 1.0, 1e-3, 1.0]
+    base = probe.eval_reward(probe.models.load_base("toy"), "probe_redness",
+                             probe.data.prompts("pickscore", 4, "test", 0))["probe_redness"]
+    assert table["probe_redness"][0] == base  # the zero step is the base itself
+    assert table["probe_redness"][2] != base  # a step of norm sqrt(#params) changes the samples
+    loo = table.attrs["loo_cosines"]
+    assert len(loo) == 3 and all(-1 <= c <= 1 for c in loo)
