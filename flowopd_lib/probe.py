@@ -84,11 +84,12 @@ def train_source(task: str, n: int, seed: int) -> list:
 
 
 def eval_reward(model, reward: str, prompts: list) -> dict[str, float]:
-    """The reward's mean over ODE samples of fixed test prompts (and GenEval's strict score)."""
+    """The reward's mean over ODE samples of fixed test prompts (and GenEval's strict score,
+    PickScore's hidden taste `true`)."""
     with torch.no_grad():
         images = rollout.generate(model, [p.text for p in prompts], steps=EVAL_STEPS, cfg_scale=EVAL_CFG, seed=0)
     out = rewards.score(reward, images, prompts)
-    return {reward: out["reward"].mean().item(), **({"strict": out["strict"].mean().item()} if "strict" in out else {})}
+    return {reward: out["reward"].mean().item(), **{k: out[k].mean().item() for k in ("strict", "true") if k in out}}
 
 
 def config(reward: str, out_dir: str, **overrides) -> GRPOConfig:

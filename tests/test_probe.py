@@ -55,3 +55,5 @@ def test_line_search_steps_along_the_gradient_and_restores_the_base(monkeypatch)
     assert table["probe_redness"][2] != base  # a step of norm sqrt(#params) changes the samples
     loo = table.attrs["loo_cosines"]
     assert len(loo) == 3 and all(-1 <= c <= 1 for c in loo)
+    scores = probe.eval_reward(probe.models.load_base("toy"), "pickscore", probe.data.prompts("pickscore", 2, "test", 0))
+    assert set(scores) == {"pickscore", "true"}  # the learned proxy and the hidden taste it stands for
