@@ -171,16 +171,25 @@ def distill(out_dir: str, n_updates: int = 21, shared: dict | None = None, **stu
 
 def gradient_cosines(reward: str, batches: int = 4, **overrides) -> list[float]:
     """Pairwise cosines of the GRPO gradients of `batches` independent updates at the base."""
+    grads = batch_gradients(zero_lr_trainer(models.load_base("toy"), reward, "runs/probe_cosine", **overrides), batches)
+    return [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in itertools.combinations(grads, 2)]
+
+
+def zero_lr_trainer(model, reward: str, out_dir: str, **overrides) -> GRPOTrainer:
+    """A GRPO trainer whose optimizer steps change nothing (lr 0, one on-policy minibatch, no KL)."""
     torch.manual_seed(0)
-    trainer = GRPOTrainer(models.load_base("toy"), config(reward, "runs/probe_cosine", lr=0.0, minibatches=1,
-                                                          beta=0.0, **overrides))
+    return GRPOTrainer(model, config(reward, out_dir, lr=0.0, minibatches=1, beta=0.0, ema_decay=0.0, **overrides))
+
+
+def batch_gradients(trainer: GRPOTrainer, batches: int) -> torch.Tensor:
+    """[batches, #params] GRPO gradients of independent updates (their own prompts and noise)."""
     grads = []
     for update in range(100, 100 + batches):
         traj = trainer.rollout(update)
         labels, _ = trainer.label(traj, update)
         trainer.optimize(traj, labels, update)  # lr 0: the step changes nothing, .grad keeps the gradient
         grads.append(torch.cat([p.grad.flatten() for p in trainer.params]).clone())
-    return [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in itertools.combinations(grads, 2)]
+    return torch.stack(grads)
 
 
 def gradient_line_search(reward: str, batches: int = 16, step_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
@@ -194,17 +203,9 @@ def gradient_line_search(reward: str, batches: int = 16, step_lrs: tuple[float, 
     Also returns each batch's cosine to the mean of the others (the per-batch signal fraction)."""
     import pandas as pd
 
-    torch.manual_seed(0)
     model = models.load_base("toy")
-    trainer = GRPOTrainer(model, config(reward, "runs/probe_linesearch", lr=0.0, minibatches=1, beta=0.0, ema_decay=0.0,
-                                        **overrides))
-    grads = []
-    for update in range(100, 100 + batches):
-        traj = trainer.rollout(update)
-        labels, _ = trainer.label(traj, update)
-        trainer.optimize(traj, labels, update)
-        grads.append(torch.cat([p.grad.flatten() for p in trainer.params]).clone())
-    grads = torch.stack(grads)
+    trainer = zero_lr_trainer(model, reward, "runs/probe_linesearch", **overrides)
+    grads = batch_gradients(trainer, batches)
     loo = [torch.nn.functional.cosine_similarity(g, (grads.sum(0) - g) / (len(grads) - 1), dim=0).item() for g in grads]
     base = torch.cat([p.detach().flatten() for p in trainer.params]).clone()
     prompts = data.prompts(TASK_OF[reward], n_eval, "test", 0)
