@@ -72,10 +72,12 @@ def colour_prompts(n: int, split: str, seed: int) -> list:
     return [p for p in pool if named_colour(p)][:n]
 
 
-def test_prompts(reward: str) -> list:
+def test_prompts(reward: str, n: int | None = None) -> list:
+    """n (default EVAL_PROMPTS) fixed test prompts the reward can judge."""
+    n = n or EVAL_PROMPTS
     if reward == "probe_colour_area":
-        return colour_prompts(EVAL_PROMPTS, "test", 0)
-    return data.prompts(TASK_OF[reward], EVAL_PROMPTS, "test", 0)
+        return colour_prompts(n, "test", 0)
+    return data.prompts(TASK_OF[reward], n, "test", 0)
 
 
 def train_source(task: str, n: int, seed: int) -> list:
@@ -178,7 +180,9 @@ def gradient_cosines(reward: str, batches: int = 4, **overrides) -> list[float]:
 def zero_lr_trainer(model, reward: str, out_dir: str, **overrides) -> GRPOTrainer:
     """A GRPO trainer whose optimizer steps change nothing (lr 0, one on-policy minibatch, no KL)."""
     torch.manual_seed(0)
-    return GRPOTrainer(model, config(reward, out_dir, lr=0.0, minibatches=1, beta=0.0, ema_decay=0.0, **overrides))
+    source = train_source if reward == "probe_colour_area" else None  # colour area judges colour prompts only
+    return GRPOTrainer(model, config(reward, out_dir, lr=0.0, minibatches=1, beta=0.0, ema_decay=0.0, **overrides),
+                       prompt_source=source)
 
 
 def batch_gradients(trainer: GRPOTrainer, batches: int) -> torch.Tensor:
@@ -208,7 +212,7 @@ def gradient_line_search(reward: str, batches: int = 16, step_lrs: tuple[float, 
     grads = batch_gradients(trainer, batches)
     loo = [torch.nn.functional.cosine_similarity(g, (grads.sum(0) - g) / (len(grads) - 1), dim=0).item() for g in grads]
     base = torch.cat([p.detach().flatten() for p in trainer.params]).clone()
-    prompts = data.prompts(TASK_OF[reward], n_eval, "test", 0)
+    prompts = test_prompts(reward, n_eval)
 
     def evaluate_at(delta: torch.Tensor) -> dict[str, float]:
         offset = 0
