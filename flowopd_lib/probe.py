@@ -20,9 +20,10 @@ the base (lr 0) and prints their pairwise cosines: near 0 means each update is m
 `linesearch` averages the gradients of 16 batches into a clean direction and evaluates the reward
 after one step of several sizes along it (and along one batch's gradient): does a gradient from
 1024 samples point anywhere useful? `distill` is Flow-OPD with two teachers that do beat the base
-(the toy's GenEval/OCR/PickScore teachers do not, so their distillation cannot show transfer): a redness teacher for PickScore
-prompts and a colour-area teacher for GenEval colour prompts, each GRPO-trained alone; their
-merge; GRPO-Mix on both rewards; and the OPD student from the merge, all with the same updates.
+(the toy's GenEval/OCR/PickScore teachers do not, so their distillation cannot show transfer): a
+redness teacher for PickScore prompts and a colour-area teacher for GenEval colour prompts, each
+GRPO-trained alone; their merge; GRPO-Mix on both rewards; and the OPD student from the merge, all
+with the same updates.
 """
 from __future__ import annotations
 
@@ -204,22 +205,22 @@ def gradient_line_search(reward: str, batches: int = 16, step_lrs: tuple[float, 
     averaged into a clean direction. Each direction (the average, and the first batch alone) is
     stepped at sizes that match one Adam step of lr `step_lr` on every coordinate (a change of norm
     step_lr * sqrt(#params)), and the reward is evaluated on fixed test prompts (ODE, paired noise).
-    Also returns each batch's cosine to the mean of the others (the per-batch signal fraction)."""
+    table.attrs["loo_cosines"]: each batch's gradient's cosine to the mean of the others."""
     import pandas as pd
 
     model = models.load_base("toy")
     trainer = zero_lr_trainer(model, reward, "runs/probe_linesearch", **overrides)
     grads = batch_gradients(trainer, batches)
     loo = [torch.nn.functional.cosine_similarity(g, (grads.sum(0) - g) / (len(grads) - 1), dim=0).item() for g in grads]
-    base = torch.cat([p.detach().flatten() for p in trainer.params]).clone()
+    base = torch.nn.utils.parameters_to_vector(trainer.params).detach().clone()
     prompts = test_prompts(reward, n_eval)
 
-    def evaluate_at(delta: torch.Tensor) -> dict[str, float]:
-        offset = 0
+    def set_params(flat: torch.Tensor) -> None:
         with torch.no_grad():
-            for p in trainer.params:
-                p.copy_((base + delta)[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            torch.nn.utils.vector_to_parameters(flat, trainer.params)
+
+    def evaluate_at(delta: torch.Tensor) -> dict[str, float]:
+        set_params(base + delta)
         with adapters.active(model, trainer.cfg.adapter):
             return eval_reward(model, reward, prompts)
 
@@ -229,7 +230,7 @@ def gradient_line_search(reward: str, batches: int = 16, step_lrs: tuple[float, 
         for lr in step_lrs:
             rows.append({"direction": name, "step_lr": lr,
                          **evaluate_at(-g / g.norm() * lr * base.numel() ** 0.5)})
-    evaluate_at(torch.zeros_like(base))
+    set_params(base)
     table = pd.DataFrame(rows)
     table.attrs["loo_cosines"] = loo
     return table
@@ -238,9 +239,9 @@ def gradient_line_search(reward: str, batches: int = 16, step_lrs: tuple[float, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=("train", "cosine", "distill", "linesearch"))
-    parser.add_argument("reward", nargs="?", choices=sorted(TASK_OF), help="train, cosine: the reward")
+    parser.add_argument("reward", nargs="?", choices=sorted(TASK_OF), help="train, cosine, linesearch: the reward")
     parser.add_argument("--updates", type=int, default=20)
-    parser.add_argument("--batches", type=int, default=4, help="cosine: independent batches")
+    parser.add_argument("--batches", type=int, default=4, help="cosine, linesearch: independent batches")
     parser.add_argument("--out", default=None, help="train: run directory (default runs/probe_<reward>)")
     parser.add_argument("-c", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config field, e.g. -c lr=0.01 -c minibatches=1 -c beta=0 (distill: of the student)")

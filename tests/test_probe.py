@@ -44,7 +44,7 @@ def test_distill_trains_teachers_merge_mix_and_student(tmp_path, monkeypatch):
     assert probe._slug({"geneval": 3, "pickscore": 1}) == "geneval:3,pickscore:1"
 
 
-def test_line_search_steps_along_the_gradient_and_restores_the_base(monkeypatch):
+def test_line_search_steps_along_the_averaged_gradient():
     tiny = dict(prompts_per_update=2, group_size=4, sde_steps=3)
     table = probe.gradient_line_search("probe_redness", batches=3, step_lrs=(1e-3, 1.0), n_eval=4, **tiny)
     assert table["direction"].tolist() == ["none"] + ["mean of 3 batches"] * 2 + ["one batch"] * 2
