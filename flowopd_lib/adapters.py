@@ -120,10 +120,15 @@ def mixed(model, per_sample: list[str | None]):
 
     Uses peft's per-sample adapter routing (its pre-forward hook, which also works in train mode:
     each adapter gets gradients from its own samples only). With CFG the batch is [uncond; cond],
-    so pass the list twice."""
+    so pass the list twice. One name for every sample is a plain adapter switch (`active`): peft's
+    per-sample routing would only add its gather/scatter per LoRA layer."""
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.lora.model import _adapter_names_pre_forward_hook
 
+    if len(set(per_sample)) == 1:
+        with active(model, per_sample[0]):
+            yield
+        return
     routed = [BASE if n is None else n for n in per_sample]
     for n in set(routed) - {BASE}:
         _check(model, n)

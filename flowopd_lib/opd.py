@@ -162,9 +162,6 @@ class OPDTrainer(OnPolicyTrainer):
     @torch.no_grad()
     def velocities_through(self, traj: rollout.Trajectories, k: int, per_sample: list[str | None]) -> torch.Tensor:
         """Velocity at step k's states, each sample through its own adapter, in one batched forward."""
-        if len(set(per_sample)) == 1:  # one adapter (or the base) for all: no per-sample routing hooks
-            with adapters.active(self.model, per_sample[0]):
-                return self.policy_velocity(traj, k)
         names = per_sample * 2 if traj.uncond is not None else per_sample
         with adapters.mixed(self.model, names):
             return self.policy_velocity(traj, k)

@@ -193,7 +193,7 @@ def batch_gradients(trainer: GRPOTrainer, batches: int) -> torch.Tensor:
         traj = trainer.rollout(update)
         labels, _ = trainer.label(traj, update)
         trainer.optimize(traj, labels, update)  # lr 0: the step changes nothing, .grad keeps the gradient
-        grads.append(torch.cat([p.grad.flatten() for p in trainer.params]).clone())
+        grads.append(torch.nn.utils.parameters_to_vector(p.grad for p in trainer.params).clone())
     return torch.stack(grads)
 
 
