@@ -21,9 +21,10 @@ stages' numbers). A finished stage leaves `.done` and is skipped when the run is
 interrupted stage re-runs and its trainer resumes from its checkpoints. A stage whose parameters
 differ from those it ran with (an edited spec, another `-p`), and every stage that consumes it,
 re-runs from scratch: its old folder is kept as `<stage>.previous`, so nothing stale is skipped or
-resumed. A failing stage stops the run naming the notebook, the cell and the error; everything
-produced so far stays. The run
-directory also holds the spec, the git commit and package versions.
+resumed. The shipped toy assets (base model, PickScore scorer, prompt files) count as inputs of
+every stage: a stage that ran on other assets (a retrained base) re-runs the same way. A failing
+stage stops the run naming the notebook, the cell and the error; everything produced so far
+stays. The run directory also holds the spec, the git commit and package versions.
 
     python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N]
 
@@ -33,6 +34,8 @@ teachers side by side, then the stages that consume them), with cores / N thread
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import re
@@ -130,6 +133,7 @@ def run_stage(stage: dict, params: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / Path(stage["notebook"]).name
     (out_dir / "parameters.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (out_dir / "shipped_assets.sha256").write_text(shipped_assets_fingerprint() + "\n")
     try:
         with open(out_dir / "log.txt", "w") as log:
             papermill.execute_notebook(str(ROOT / stage["notebook"]), str(executed), parameters=params,
@@ -161,10 +165,27 @@ def plan_stages(spec: dict, run_dir: Path, overrides: dict | None = None) -> lis
     return plan
 
 
-def parameters_changed(out_dir: Path, params: dict) -> bool:
-    """Whether the stage folder holds a run made with other parameters (its parameters.yaml)."""
+@functools.lru_cache(maxsize=1)
+def shipped_assets_fingerprint() -> str:
+    """sha256 over the files of flowopd_lib/assets (names and bytes): what the toy world ships."""
+    from .models import ASSETS
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in ASSETS.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(ASSETS)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def inputs_changed(out_dir: Path, params: dict) -> bool:
+    """Whether the stage folder holds a run made with other parameters (its parameters.yaml) or on
+    other shipped assets (its shipped_assets.sha256; a run from before that file counts as other)."""
     recorded = out_dir / "parameters.yaml"
-    return recorded.exists() and yaml.safe_load(recorded.read_text()) != yaml.safe_load(yaml.safe_dump(params))
+    if not recorded.exists():
+        return False
+    assets = out_dir / "shipped_assets.sha256"
+    return (yaml.safe_load(recorded.read_text()) != yaml.safe_load(yaml.safe_dump(params))
+            or not assets.exists() or assets.read_text().strip() != shipped_assets_fingerprint())
 
 
 def set_aside(out_dir: Path) -> Path:
@@ -191,10 +212,10 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
         started = started or start is None or stage["name"] == start
         selected = started and (not only or stage["name"] in only)
         done = out_dir / ".done"
-        if selected and (parameters_changed(out_dir, params) or dependencies(stage) & changed):
+        if selected and (inputs_changed(out_dir, params) or dependencies(stage) & changed):
             changed.add(stage["name"])
             if out_dir.exists():  # a consumer of a changed stage may never have run
-                print(f"[{spec['name']}] {stage['name']}: its parameters or inputs changed since it ran; "
+                print(f"[{spec['name']}] {stage['name']}: its parameters, inputs or shipped assets changed since it ran; "
                       f"re-running (old outputs: {set_aside(out_dir)})")
         if not selected or (done.exists() and not only and start is None):
             if report:  # a child of --jobs stays quiet about the stages it does not run

@@ -47,6 +47,7 @@ def test_stages_run_in_order_consume_earlier_outputs_and_skip_when_done(spec, tm
     assert params["eval_cache"] == str(run_dir / "eval_cache")
     assert len(list((run_dir / "eval_cache").glob("*.json"))) == 4 * 4
     assert (run_dir / "spec.yaml").exists() and "git" in (run_dir / "provenance.json").read_text()
+    assert (run_dir / "coldstart" / "shipped_assets.sha256").read_text().strip() == runs.shipped_assets_fingerprint()
     capsys.readouterr()
     runs.run(spec, outputs=out)
     assert capsys.readouterr().out.count("done, skipped") == 3
@@ -61,6 +62,18 @@ def test_stages_run_in_order_consume_earlier_outputs_and_skip_when_done(spec, tm
     assert yaml.safe_load((run_dir / "teacher_ocr" / "parameters.yaml").read_text())["sde_steps"] == 3
     assert yaml.safe_load((run_dir / "teacher_ocr.previous" / "parameters.yaml").read_text())["sde_steps"] == 2
     assert (run_dir / "coldstart" / ".done").exists() and (run_dir / "coldstart.previous" / ".done").exists()
+
+
+def test_a_stage_that_ran_on_other_shipped_assets_counts_as_changed(tmp_path, monkeypatch):
+    params = {"seed": 0, "out_dir": str(tmp_path)}
+    assert not runs.inputs_changed(tmp_path, params)  # never ran
+    (tmp_path / "parameters.yaml").write_text(yaml.safe_dump(params))
+    assert runs.inputs_changed(tmp_path, params)  # ran before assets were recorded: unknown, so re-run
+    (tmp_path / "shipped_assets.sha256").write_text(runs.shipped_assets_fingerprint() + "\n")
+    assert not runs.inputs_changed(tmp_path, params)
+    assert runs.inputs_changed(tmp_path, {**params, "seed": 1})
+    monkeypatch.setattr(runs, "shipped_assets_fingerprint", lambda: "a retrained base")
+    assert runs.inputs_changed(tmp_path, params)
 
 
 def test_a_failing_stage_names_notebook_cell_and_error(spec, tmp_path):
