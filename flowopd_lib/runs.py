@@ -22,7 +22,7 @@ interrupted stage re-runs and its trainer resumes from its checkpoints. A stage 
 differ from those it ran with (an edited spec, another `-p`), and every stage that consumes it,
 re-runs from scratch: its old folder is kept as `<stage>.previous`, so nothing stale is skipped or
 resumed. The shipped toy assets (base model, PickScore scorer, prompt files) count as inputs of
-every stage: a stage that ran on other assets (a retrained base) re-runs the same way. A failing
+every stage on the toy base: one that ran on other assets (a retrained base) re-runs the same way. A failing
 stage stops the run naming the notebook, the cell and the error; everything produced so far
 stays. The run directory also holds the spec, the git commit and package versions.
 
@@ -177,15 +177,23 @@ def shipped_assets_fingerprint() -> str:
     return h.hexdigest()
 
 
-def inputs_changed(out_dir: Path, params: dict) -> bool:
-    """Whether the stage folder holds a run made with other parameters (its parameters.yaml) or on
-    other shipped assets (its shipped_assets.sha256; a run from before that file counts as other)."""
+def on_toy_base(stage: dict, params: dict) -> bool:
+    """Whether the stage runs on the shipped toy base: its notebook takes a `base` and it is "toy"
+    (the notebooks' default). Pretraining (notebook 01) and SD3.5-M stages do not."""
+    return "base" in notebook_parameters(ROOT / stage["notebook"]) and params.get("base", "toy") == "toy"
+
+
+def inputs_changed(out_dir: Path, params: dict, on_shipped_assets: bool) -> bool:
+    """Whether the stage folder holds a run made with other parameters (its parameters.yaml) or,
+    for a stage on the shipped assets, on other ones (its shipped_assets.sha256; a run from before
+    that file counts as other)."""
     recorded = out_dir / "parameters.yaml"
     if not recorded.exists():
         return False
+    if yaml.safe_load(recorded.read_text()) != yaml.safe_load(yaml.safe_dump(params)):
+        return True
     assets = out_dir / "shipped_assets.sha256"
-    return (yaml.safe_load(recorded.read_text()) != yaml.safe_load(yaml.safe_dump(params))
-            or not assets.exists() or assets.read_text().strip() != shipped_assets_fingerprint())
+    return on_shipped_assets and (not assets.exists() or assets.read_text().strip() != shipped_assets_fingerprint())
 
 
 def set_aside(out_dir: Path) -> Path:
@@ -212,7 +220,7 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
         started = started or start is None or stage["name"] == start
         selected = started and (not only or stage["name"] in only)
         done = out_dir / ".done"
-        if selected and (inputs_changed(out_dir, params) or dependencies(stage) & changed):
+        if selected and (inputs_changed(out_dir, params, on_toy_base(stage, params)) or dependencies(stage) & changed):
             changed.add(stage["name"])
             if out_dir.exists():  # a consumer of a changed stage may never have run
                 print(f"[{spec['name']}] {stage['name']}: its parameters, inputs or shipped assets changed since it ran; "

@@ -66,14 +66,25 @@ def test_stages_run_in_order_consume_earlier_outputs_and_skip_when_done(spec, tm
 
 def test_a_stage_that_ran_on_other_shipped_assets_counts_as_changed(tmp_path, monkeypatch):
     params = {"seed": 0, "out_dir": str(tmp_path)}
-    assert not runs.inputs_changed(tmp_path, params)  # never ran
+    assert not runs.inputs_changed(tmp_path, params, True)  # never ran
     (tmp_path / "parameters.yaml").write_text(yaml.safe_dump(params))
-    assert runs.inputs_changed(tmp_path, params)  # ran before assets were recorded: unknown, so re-run
+    assert runs.inputs_changed(tmp_path, params, True)  # ran before assets were recorded: unknown, so re-run
+    assert not runs.inputs_changed(tmp_path, params, False)  # a stage off the toy base ignores them
     (tmp_path / "shipped_assets.sha256").write_text(runs.shipped_assets_fingerprint() + "\n")
-    assert not runs.inputs_changed(tmp_path, params)
-    assert runs.inputs_changed(tmp_path, {**params, "seed": 1})
+    assert not runs.inputs_changed(tmp_path, params, True)
+    assert runs.inputs_changed(tmp_path, {**params, "seed": 1}, True)
+    assert runs.inputs_changed(tmp_path, {**params, "seed": 1}, False)
     monkeypatch.setattr(runs, "shipped_assets_fingerprint", lambda: "a retrained base")
-    assert runs.inputs_changed(tmp_path, params)
+    assert runs.inputs_changed(tmp_path, params, True)
+    assert not runs.inputs_changed(tmp_path, params, False)
+    # which stages are on the shipped base: the toy studies' training stages, not pretraining or SD3.5-M
+    teacher = {"notebook": "notebooks/02_teacher_grpo.ipynb"}
+    assert runs.on_toy_base(teacher, {"base": "toy"}) and runs.on_toy_base(teacher, {})
+    assert not runs.on_toy_base(teacher, {"base": "sd3.5-medium"})
+    assert not runs.on_toy_base({"notebook": "notebooks/01_base_model.ipynb"}, {})
+    for notebook in sorted((runs.ROOT / "notebooks").glob("0*.ipynb")):  # on_toy_base reads an unset base as "toy"
+        if "base" in runs.notebook_parameters(notebook):
+            assert 'base = \\"toy\\"' in notebook.read_text(), f"{notebook.name}: its default base is not the toy base"
 
 
 def test_a_failing_stage_names_notebook_cell_and_error(spec, tmp_path):
