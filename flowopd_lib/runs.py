@@ -22,9 +22,9 @@ interrupted stage re-runs and its trainer resumes from its checkpoints. A stage 
 differ from those it ran with (an edited spec, another `-p`), and every stage that consumes it,
 re-runs from scratch: its old folder is kept as `<stage>.previous`, so nothing stale is skipped or
 resumed. The shipped toy assets (base model, PickScore scorer, prompt files) count as inputs of
-every stage on the toy base: one that ran on other assets (a retrained base) re-runs the same way. A failing
-stage stops the run naming the notebook, the cell and the error; everything produced so far
-stays. The run directory also holds the spec, the git commit and package versions.
+every stage on the toy base: one that ran on other assets (a retrained base) re-runs the same
+way. A failing stage stops the run naming the notebook, the cell and the error; everything
+produced so far stays. The run directory also holds the spec, the git commit and package versions.
 
     python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N]
 
@@ -34,7 +34,6 @@ teachers side by side, then the stages that consume them), with cores / N thread
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
@@ -165,9 +164,9 @@ def plan_stages(spec: dict, run_dir: Path, overrides: dict | None = None) -> lis
     return plan
 
 
-@functools.lru_cache(maxsize=1)
 def shipped_assets_fingerprint() -> str:
-    """sha256 over the files of flowopd_lib/assets (names and bytes): what the toy world ships."""
+    """sha256 over the files of flowopd_lib/assets (names and bytes): what the toy world ships.
+    Not cached: a stage that ships a retrained base changes it for the stages after it (~10 ms)."""
     from .models import ASSETS
 
     h = hashlib.sha256()
