@@ -137,14 +137,20 @@ class GRPOTrainer(OnPolicyTrainer):
         return total, {name: torch.cat([per_name[name] for _, per_name in results]) for name in results[0][1]}
 
     def label(self, traj: rollout.Trajectories, update: int):
+        labels, metrics = self.reward_labels(traj)
+        if self.cfg.beta > 0:
+            labels["v_ref"] = self.reference_velocities(traj)
+        return labels, metrics
+
+    def reward_labels(self, traj) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Group advantages [B] and keep weights [B] of the local samples, and reward metrics
+        (shared by every reward-driven trainer: GRPO here, DiffusionNFT and AWM in forward_rl.py)."""
         cfg, acc = self.cfg, self.acc
         total, per_name = self.rewards_of(traj)
         all_rewards = acc.gather(total.to(acc.device)) if acc.num_processes > 1 else total
         adv, keep = group_advantages(all_rewards.cpu(), cfg.group_size, cfg.std_mode, cfg.advantage_clip)
         block = self.local_block(len(all_rewards))
         labels = {"advantage": adv[block].to(acc.device), "weight": keep[block].float().to(acc.device)}
-        if cfg.beta > 0:
-            labels["v_ref"] = self.reference_velocities(traj)
         metrics = {"reward": all_rewards.float().mean().item(), "reward_std": all_rewards.float().std().item(),
                    "zero_spread_fraction": 1 - keep.float().mean().item(),
                    "advantage_abs": adv[keep].abs().mean().item() if keep.any() else 0.0}

@@ -79,10 +79,60 @@ class Trajectories:
                             self.velocities[index], self.sigmas, pick(self.cond), pick(self.uncond), images)
 
 
-def concat(parts: list[Trajectories]) -> Trajectories:
+@dataclass
+class FinalSamples:
+    """Only the final samples of a batch (B = prompts x group size), what the forward-process
+    trainers (DiffusionNFT, AWM) train on: they re-noise the clean latents, so no trajectory,
+    no log-probs and any solver. `seeds` [B] key each sample's training noise."""
+    prompts: list                # [B] prompt objects (toy.Prompt) or strings
+    latents: torch.Tensor        # [B, C, h, w] the clean samples x_0
+    seeds: torch.Tensor          # [B] int64 per-sample seeds (the rollout's)
+    cond: PromptEmbeds           # [B] prompt embeddings
+    uncond: PromptEmbeds | None  # [B] empty-prompt embeddings (None without CFG)
+    images: torch.Tensor | None  # [B, 3, H, W] decoded samples in [0, 1] (None when not decoded)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def select(self, index: torch.Tensor) -> "FinalSamples":
+        pick = lambda e: None if e is None else PromptEmbeds(e.tokens[index], e.pooled[index])  # noqa: E731
+        return FinalSamples([self.prompts[i] for i in index.tolist()], self.latents[index], self.seeds[index],
+                            pick(self.cond), pick(self.uncond), None if self.images is None else self.images[index])
+
+
+@torch.no_grad()
+def sample_final(model: FlowModel, prompts: list, seeds: list[int], steps: int = 10, noise_level: float = 0.0,
+                 cfg_scale: float = 1.0, shift: float = 1.0, decode: bool = True,
+                 initial_seeds: list[int] | None = None) -> FinalSamples:
+    """One sample per (prompt, seed) from the model's current policy, keeping only the result:
+    Euler ODE (noise_level 0, the default) or the Flow-GRPO SDE; noise drawn per sample as in
+    `sample_trajectories`, so a sample does not depend on how the batch is split."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per sample")
+    sigmas = flow.sigma_schedule(steps, shift).to(model.device)
+    noise = sample_noise(model, seeds, steps, initial_seeds)
+    cond = model.encode_prompts([text_of(p) for p in prompts])
+    uncond = model.encode_prompts([""] * len(prompts)) if cfg_scale != 1.0 else None
+    x = noise[:, 0]
+    for k in range(steps):
+        v = guided_velocity(model, x, sigmas[k].expand(len(prompts)), cond, uncond, cfg_scale)
+        x = flow.ode_step(v, x, sigmas[k], sigmas[k + 1]) if noise_level == 0 else \
+            flow.sde_step(v, x, sigmas[k], sigmas[k + 1], noise_level, noise=noise[:, k + 1]).prev_sample
+    return FinalSamples(list(prompts), x, torch.as_tensor(seeds, dtype=torch.int64), cond, uncond,
+                        model.decode(x) if decode else None)
+
+
+def concat(parts: list):
     """Sub-batches sampled one after the other (same sigmas) as one batch, in order."""
     if len(parts) == 1:
         return parts[0]
+    if isinstance(parts[0], FinalSamples):
+        cat_embeds = lambda es: None if es[0] is None else PromptEmbeds(  # noqa: E731
+            torch.cat([e.tokens for e in es]), torch.cat([e.pooled for e in es]))
+        return FinalSamples([p for t in parts for p in t.prompts], torch.cat([t.latents for t in parts]),
+                            torch.cat([t.seeds for t in parts]), cat_embeds([t.cond for t in parts]),
+                            cat_embeds([t.uncond for t in parts]),
+                            None if parts[0].images is None else torch.cat([t.images for t in parts]))
     cat = lambda xs: torch.cat(xs)  # noqa: E731
     embeds = lambda es: None if es[0] is None else PromptEmbeds(cat([e.tokens for e in es]), cat([e.pooled for e in es]))  # noqa: E731
     return Trajectories([p for t in parts for p in t.prompts], cat([t.latents for t in parts]),

@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 
 TRAINERS = {"grpo": ("flowopd_lib.grpo", "GRPOConfig", "train_grpo"),
+            "nft": ("flowopd_lib.nft", "NFTConfig", "train_nft"),
+            "awm": ("flowopd_lib.awm", "AWMConfig", "train_awm"),
             "opd": ("flowopd_lib.opd", "OPDConfig", "train_opd")}
 
 
@@ -42,11 +44,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.help_config:
         print(config_cls.help())
         return
-    values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    if args.config and not Path(args.config).exists():
+        if "=" not in args.config:
+            parser.error(f"{args.config!r} is neither a config file (no such file) nor a key=value override")
+        args.overrides.insert(0, args.config)  # `train grpo updates=5`: overrides without a YAML file
+        args.config = None
+    values = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
     for item in args.overrides:
-        key, _, value = item.partition("=")
-        values[key] = yaml.safe_load(value)
-    train(config_cls.from_dict(values))
+        values.update([parse_override(parser, item)])
+    train(config_cls.from_dict(values))  # unknown keys: ConfigError naming the closest field
+
+
+def parse_override(parser: argparse.ArgumentParser, item: str) -> tuple[str, object]:
+    """`key=value` -> (key, value read as YAML); anything else exits naming it (`lr` alone would
+    otherwise read as lr=None)."""
+    key, equals, value = item.partition("=")
+    if not equals or not key.strip():
+        parser.error(f"override {item!r} is not key=value: write e.g. {key.strip() or 'lr'}=VALUE "
+                     "(the value is read as YAML, e.g. lr=3e-4 or rewards={geneval: 1.0})")
+    return key.strip(), yaml.safe_load(value)
 
 
 def launch(stage: str, config, num_processes: int = 1, accelerate_config: str | None = None) -> None:

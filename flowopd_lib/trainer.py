@@ -167,6 +167,30 @@ class OnPolicyTrainer:
         and per-sample metrics [b] to average."""
         raise NotImplementedError
 
+    def loss_terms(self, part, labels: dict[str, torch.Tensor]):
+        """The `cfg.trained_steps` loss terms of a micro-batch, one at a time (each is backpropagated
+        before the next is computed, so only one term's activations are alive): (loss [b], metrics).
+        GRPO and OPD: one term per trained SDE step at the stored states; the forward-process
+        trainers (`forward_rl.py`) override this with terms at fresh noise."""
+        for k in range(self.cfg.trained_steps):
+            yield self.step_loss(part, labels, k, self.policy_velocity(part, k))
+
+    @property
+    def sampling_adapter(self) -> str:
+        """The adapter rollouts sample from: the trained one (on-policy); DiffusionNFT's `old` EMA."""
+        return self.cfg.adapter
+
+    def sample_chunk(self, prompts: list, seeds: list[int], initial_seeds: list[int] | None):
+        """One rollout sub-batch under the sampling adapter: SDE trajectories with log-probs."""
+        cfg = self.cfg
+        return rollout.sample_trajectories(
+            self.model, prompts, seeds, cfg.sde_steps, cfg.noise_level, cfg.cfg_scale, cfg.shift,
+            self.decode_rollouts, initial_seeds, cfg.trained_steps if cfg.ode_after_trained else None)
+
+    def after_update(self, update: int) -> dict[str, float]:
+        """Called after each update's optimizer steps (DiffusionNFT moves its `old` policy here)."""
+        return {}
+
     # ------------------------------------------------------------------ one update
     def prompts_for(self, update: int) -> list:
         """The update's global prompt list (identical on every process)."""
@@ -189,14 +213,11 @@ class OnPolicyTrainer:
         initial = [seeds[k - k % g] for k in range(len(samples))] if cfg.shared_initial_noise else None
         block = range(len(samples))[self.local_block(len(samples))]
         parts = []
-        with adapters.active(self.model, cfg.adapter):
+        with adapters.active(self.model, self.sampling_adapter):
             for chunk in np.array_split(np.asarray(block), min(cfg.rollout_chunks, len(block))):
                 chunk = chunk.tolist()
-                parts.append(rollout.sample_trajectories(
-                    self.model, [samples[i] for i in chunk], [seeds[i] for i in chunk], cfg.sde_steps,
-                    cfg.noise_level, cfg.cfg_scale, cfg.shift, self.decode_rollouts,
-                    [initial[i] for i in chunk] if initial else None,
-                    cfg.trained_steps if cfg.ode_after_trained else None))
+                parts.append(self.sample_chunk([samples[i] for i in chunk], [seeds[i] for i in chunk],
+                                               [initial[i] for i in chunk] if initial else None))
                 self.sampled(parts[-1])
         return rollout.concat(parts)
 
@@ -231,6 +252,7 @@ class OnPolicyTrainer:
                 mb_ids = self.minibatch_of(update, epoch, n_global)[block]
                 for mb in range(cfg.minibatches):
                     index = torch.nonzero(mb_ids == mb).flatten()
+                    index = index[labels["weight"][index].cpu() > 0]  # samples without signal cost no forward
                     weight = labels["weight"][index]
                     # Normalise by the global number of (sample, step) terms of this minibatch.
                     norm = self.global_sum(weight.sum().to(self.acc.device)) * cfg.trained_steps
@@ -239,8 +261,7 @@ class OnPolicyTrainer:
                         for sub in index.split(cfg.micro_batch or max(1, len(index))):  # gradient accumulation
                             part, w = traj.select(sub), labels["weight"][sub]
                             lab = {k: v[sub] for k, v in labels.items()}
-                            for k in range(cfg.trained_steps):
-                                loss, metrics = self.step_loss(part, lab, k, self.policy_velocity(part, k))
+                            for loss, metrics in self.loss_terms(part, lab):
                                 (loss * w).sum().div(norm).backward()
                                 for name, value in {"loss": loss, **metrics}.items():
                                     sums[name] = sums.get(name, 0) + (value.detach() * w).sum()
@@ -276,6 +297,7 @@ class OnPolicyTrainer:
         labels, label_metrics = self.label(traj, update)
         t2 = time.time()
         train_metrics = self.optimize(traj, labels, update)
+        train_metrics.update(self.after_update(update))
         t3 = time.time()
         return {**label_metrics, **train_metrics, "time/rollout": t1 - t0, "time/label": t2 - t1,
                 "time/train": t3 - t2}
