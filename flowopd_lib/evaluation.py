@@ -14,6 +14,13 @@ With `cache_dir`, each (model, task) result is stored under a key made of the mo
 base's and its adapter's, see `fingerprint`), the judging reward's version (`rewards.version`) and
 the protocol, so a study evaluates each adapter once: the stage that trains it and the summary that
 tabulates it share the measurement.
+
+pass@k and headroom (`headroom`): for tasks with an exact success (`success`: GenEval strict
+correctness, OCR text read exactly), n samples per test prompt from the seeds seed, seed + 1, ...
+(paired: sample j of a prompt starts from the same noise for every model) give pass@k, the chance
+that at least one of k samples is exactly right (`pass_at_k`, the unbiased estimator of Chen et
+al. 2021, averaged over prompts, with its standard error over prompts). headroom = pass@k - pass@1:
+what the model can already do on some draws but not reliably, the part RL can sharpen into pass@1.
 """
 from __future__ import annotations
 
@@ -23,15 +30,19 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from . import data, rewards, rollout
 from .models.base import FlowModel
+from .toy.grammar import GENEVAL_TAGS
 
 TASKS = ("geneval", "ocr", "pickscore", "deqa")
 # The paper's Avg = mean(GenEval, OCR, DeQA / 5, PickScore / 26); the toy PickScore is already in [0, 1].
 NORMALISERS = {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0, "deqa": 5.0}
+EXACT_TASKS = ("geneval", "ocr")  # tasks whose samples are exactly right or not (`success`)
 
 
 def task_metrics(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> dict[str, float]:
@@ -140,6 +151,109 @@ def evaluate(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = 
     table = pd.DataFrame.from_dict(rows, orient="index")
     main = [c for c in ("geneval", "ocr", "pickscore", "pickscore_true", "deqa", "Avg") if c in table]
     return table[main + [c for c in table.columns if c not in main]]
+
+
+# ----------------------------------------------------------------------------- pass@k and headroom
+
+def pass_at_k(successes, k: int) -> tuple[float, float]:
+    """(pass@k, its standard error over prompts) from successes [P, n] (bool or 0/1; tensor or array):
+    P prompts with n samples each.
+
+    Per prompt with c of n samples right, the unbiased estimator of Chen et al. 2021 (HumanEval),
+    1 - C(n - c, k) / C(n, k), computed as 1 - prod_{i = n - c + 1}^{n} (1 - k / i); the mean
+    over prompts, and std(ddof=1) / sqrt(P) (nan for one prompt). Raises ValueError unless 1 <= k <= n."""
+    s = successes.detach().cpu().numpy() if isinstance(successes, torch.Tensor) else np.asarray(successes)
+    if s.ndim != 2:
+        raise ValueError(f"successes must be [prompts, samples]; got shape {s.shape}")
+    if s.dtype != bool and not np.isin(s, (0, 1)).all():
+        raise ValueError("successes must be bool or 0/1")
+    n = s.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n samples per prompt; got k={k}, n={n}")
+    if s.shape[0] == 0:
+        raise ValueError("successes has no prompts")
+    c = s.astype(np.int64).sum(1)
+    per_prompt = np.ones(len(c))
+    for p, cp in enumerate(c):
+        if n - cp >= k:  # else every k-subset holds a success
+            per_prompt[p] = 1.0 - np.prod(1.0 - k / np.arange(n - cp + 1, n + 1))
+    se = float(per_prompt.std(ddof=1) / np.sqrt(len(c))) if len(c) > 1 else float("nan")
+    return float(per_prompt.mean()), se
+
+
+def success(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> torch.Tensor:
+    """Exact success of each sample, bool [N], for N prompts and images [N, 3, H, W]: GenEval's strict
+    correctness (the reward's "strict" output), OCR's reward == 1 (the quoted text read exactly).
+    `reward_name` as `reward_for_task` of `evaluate` (default: the reward named like the task)."""
+    if task not in EXACT_TASKS:
+        raise ValueError(f"task {task!r} has no exact success; tasks with one: {EXACT_TASKS}")
+    scores = rewards.score(reward_name or task, images, prompts)
+    return (scores["strict"] == 1) if task == "geneval" else (scores["reward"] == 1)
+
+
+def _pass_row(s: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    row = {}
+    for k in ks:
+        row[f"pass@{k}"], row[f"pass@{k}_se"] = pass_at_k(s, k)
+    return row
+
+
+def headroom(model: FlowModel, tasks: tuple[str, ...] = EXACT_TASKS, n_prompts: int = 90, samples_per_prompt: int = 8,
+             ks: tuple[int, ...] = (1, 4, 8), steps: int = 20, cfg_scale: float = 3.0, seed: int = 20,
+             prompts_for_task: Callable[[str, int, int], list] | None = None, prompt_root: str | None = None,
+             reward_for_task: dict[str, str] | None = None, shift: float = 1.0) -> pd.DataFrame:
+    """pass@k and headroom of one model: a row per task, and for geneval one per category ("geneval/<tag>").
+
+    Prompts as `evaluate` draws them (`n_prompts` test prompts per task, drawn with `seed`); sample j
+    of every prompt is `rollout.generate(..., seed=seed + j)` (j < samples_per_prompt), so every
+    model sees the same noise and sample 0 is what `evaluate(seed=seed)` generates. Columns:
+    pass@k for each k in `ks`, their standard errors over prompts (pass@k_se), headroom =
+    pass@max(ks) - pass@1, prompts (count). The geneval row averages its categories' rows, as GenEval's
+    overall score does (the toy test prompts weigh the tags equally, so that is also the mean over
+    prompts), with standard error sqrt(sum of squared category errors) / categories."""
+    tasks = tuple(tasks)
+    bad = [t for t in tasks if t not in EXACT_TASKS]
+    if bad:
+        raise ValueError(f"tasks {bad} have no exact success; tasks with one: {EXACT_TASKS}")
+    ks = tuple(dict.fromkeys(ks))
+    if not ks:
+        raise ValueError("give at least one k")
+    for k in ks:  # fail before generating anything
+        if not 1 <= k <= samples_per_prompt:
+            raise ValueError(f"pass@k needs 1 <= k <= n samples per prompt; got k={k}, n={samples_per_prompt}")
+    prompts_for_task = prompts_for_task or (lambda task, n, s: data.prompts(task, n, "test", s, prompt_root))
+    prompt_sets = {task: prompts_for_task(task, n_prompts, seed) for task in tasks}
+    columns = {task: [] for task in tasks}  # per task: samples_per_prompt bool [P] tensors
+    for sample_seed in tqdm(range(seed, seed + samples_per_prompt), desc="headroom seeds"):
+        for task, prompts in prompt_sets.items():
+            images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale,
+                                      seed=sample_seed, shift=shift)
+            columns[task].append(success(task, prompts, images, (reward_for_task or {}).get(task)).cpu())
+    top = max(ks)
+    rows = {}
+    for task, prompts in prompt_sets.items():
+        s = torch.stack(columns[task], 1).numpy()  # [P, n]
+        if task != "geneval":
+            rows[task] = {**_pass_row(s, ks), "headroom": pass_at_k(s, top)[0] - pass_at_k(s, 1)[0],
+                          "prompts": len(prompts)}
+            continue
+        tags = np.array([p.spec["tag"] for p in prompts])
+        present = [t for t in GENEVAL_TAGS if (tags == t).any()] + sorted(set(tags) - set(GENEVAL_TAGS))
+        per_tag = {t: _pass_row(s[tags == t], tuple(dict.fromkeys((1, *ks)))) for t in present}
+        overall = {}
+        for k in ks:
+            overall[f"pass@{k}"] = float(np.mean([r[f"pass@{k}"] for r in per_tag.values()]))
+            overall[f"pass@{k}_se"] = float(np.sqrt(sum(r[f"pass@{k}_se"] ** 2 for r in per_tag.values()))
+                                            / len(per_tag))
+        pass1 = float(np.mean([r["pass@1"] for r in per_tag.values()]))
+        rows["geneval"] = {**overall, "headroom": overall[f"pass@{top}"] - pass1, "prompts": len(prompts)}
+        for t, r in per_tag.items():
+            rows[f"geneval/{t}"] = {**{c: r[c] for c in overall}, "headroom": r[f"pass@{top}"] - r["pass@1"],
+                                    "prompts": int((tags == t).sum())}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "task"
+    table["prompts"] = table["prompts"].astype(int)
+    return table[[f"pass@{k}" for k in ks] + [f"pass@{k}_se" for k in ks] + ["headroom", "prompts"]]
 
 
 def sample_grid(models: dict[str, FlowModel], prompts: list[str], steps: int = 20, cfg_scale: float = 3.0,

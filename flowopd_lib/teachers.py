@@ -44,7 +44,8 @@ RECIPES: dict[str, tuple[str, dict]] = {
 }
 
 
-def _trainer(name: str):
+def trainer_for(name: str):
+    """(config class, train function) of a trainer name: grpo, nft or awm."""
     import importlib
 
     module, config_name, train_name = TRAINERS[name]
@@ -57,7 +58,7 @@ def recipe_config(task: str, out_dir: str, overrides: dict | None = None):
     if task not in RECIPES:
         raise SystemExit(f"unknown teacher task {task!r}; recipes exist for {sorted(RECIPES)}")
     trainer, values = RECIPES[task]
-    config_cls, _ = _trainer(trainer)
+    config_cls, _ = trainer_for(trainer)
     return config_cls.from_dict({**values, "adapter": task, "out_dir": out_dir, **(overrides or {})})
 
 
@@ -70,7 +71,7 @@ def eval_fn_for(task: str, n_prompts: int = 90, protocol: dict = PROTOCOL):
 
 def train(task: str, out_dir: str, overrides: dict | None = None, eval_prompts: int = 90):
     cfg = recipe_config(task, out_dir, overrides)
-    _, train_fn = _trainer(RECIPES[task][0])
+    _, train_fn = trainer_for(RECIPES[task][0])
     return train_fn(cfg, eval_fn=eval_fn_for(task, eval_prompts))
 
 
