@@ -45,6 +45,10 @@ class PretrainConfig(Config):
     log_every: int = param(50, "log metrics every N steps", range=(1, None))
     eval_every: int = param(2000, "run eval_fn on the EMA weights every N steps (0 = only at the end)", range=(0, None))
     checkpoint_every: int = param(1000, "save a resumable checkpoint every N steps", range=(1, None))
+    init_from: str | None = param(None, "continue pretraining a saved model (a directory saved by ToyFlowModel.save, "
+                                  "or 'toy' for the shipped base): its autoencoder is kept (no autoencoder phase) "
+                                  "and the flow phase starts from its weights; give another seed than its run's so "
+                                  "the batches are new")
     seed: int = param(0, "seed of data, noise and initial weights")
     out_dir: str = param("runs/base_toy", "run directory (model/, checkpoints/, metrics.csv)")
 
@@ -185,15 +189,29 @@ def _evaluate_with_ema(model, params, ema, eval_fn) -> dict:
         ema.restore(params)
 
 
+def _initial_model(cfg: PretrainConfig) -> ToyFlowModel:
+    if cfg.init_from is None:
+        return ToyFlowModel(cfg.size, image_size=cfg.image_size)
+    from .models import load_base
+
+    model = load_base(cfg.init_from)
+    if (model.size_name, model.image_size) != (cfg.size, cfg.image_size):
+        raise ValueError(f"init_from={cfg.init_from!r} is a {model.size_name!r} model at {model.image_size} px, but the "
+                         f"config asks for size={cfg.size!r}, image_size={cfg.image_size}: set them to match")
+    return model
+
+
 def pretrain(cfg: PretrainConfig, eval_fn: Callable[[ToyFlowModel], dict] | None = None,
              resume: bool = True) -> ToyFlowModel:
     """Both phases into `cfg.out_dir`; the final (EMA) model is saved to `out_dir/model`."""
     seed_everything(cfg.seed)
-    model = ToyFlowModel(cfg.size, image_size=cfg.image_size)
+    model = _initial_model(cfg)
     out = Path(cfg.out_dir)
     ae_path = out / "autoencoder.pt"
     with Run(out, cfg, resume=resume) as run:
-        if resume and ae_path.exists():
+        if cfg.init_from is not None:
+            pass  # the loaded model's autoencoder and latent statistics are kept
+        elif resume and ae_path.exists():
             state = torch.load(ae_path)
             model.autoencoder.load_state_dict(state["autoencoder"])
             model.latent_mean.copy_(state["latent_mean"]); model.latent_std.copy_(state["latent_std"])  # noqa: E702

@@ -115,3 +115,19 @@ def test_pretraining_batch_feeds_the_model(tiny):
     latents = tiny.encode_images(images)
     assert latents.shape == (8, *tiny.latent_shape)
     assert len(tiny.encode_prompts(captions)) == 8
+
+
+def test_continued_pretraining_keeps_the_autoencoder_and_trains_the_flow(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    torch.manual_seed(0)
+    start = ToyFlowModel("tiny")
+    start.save(tmp_path / "start")
+    cfg = PretrainConfig(size="tiny", ae_steps=10, batch=8, steps=3, init_from=str(tmp_path / "start"), seed=1,
+                         out_dir=str(tmp_path / "more"))
+    continued = pretrain(cfg, resume=False)
+    before, after = start.state_dict(), continued.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("autoencoder.", "latent_")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("transformer."))
+    assert not (tmp_path / "more" / "autoencoder.pt").exists()  # no autoencoder phase ran
+    with pytest.raises(ValueError, match="size='small'"):
+        pretrain(PretrainConfig(size="small", init_from=str(tmp_path / "start"), out_dir=str(tmp_path / "x")))

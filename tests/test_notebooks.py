@@ -27,7 +27,8 @@ TINY = {
                                                       "teacher ocr": "<teacher:ocr>"},
                                seesaw={"base": None, "+geneval": "<teacher:geneval>"},
                                estimators={"kl": "<teacher:geneval>"}, eval_prompts=4, eval_steps=2),
-    "02_teacher_grpo.ipynb": dict(base=TINY_BASE, rewards={"geneval": 1.0}, datasets={"geneval": 1.0}, updates=2,
+    "02_teacher_grpo.ipynb": dict(trainer="nft", lr=None, beta=None, extra={"train_timesteps": 2},  # grpo: test_runs
+                                  base=TINY_BASE, rewards={"geneval": 1.0}, datasets={"geneval": 1.0}, updates=2,
                                   time_budget_minutes=None, prompts_per_update=2, group_size=2, sde_steps=2,
                                   eval_every=1, eval_prompts=6, eval_steps=2),
     "06_trajectory_explorer.ipynb": dict(base=TINY_BASE, teachers={"geneval": "<teacher:geneval>", "ocr": "<teacher:ocr>"},
