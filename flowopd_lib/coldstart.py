@@ -121,9 +121,9 @@ def merge(model, teachers: dict[str, float], name: str = "merge", method: str = 
 
 @dataclasses.dataclass
 class SFTConfig(Config):
-    teachers: dict = param(None, "task -> directory of its teacher adapter", default_factory=dict)
-    datasets: dict = param(None, "task -> number of training prompts sampled from its teacher",
-                           default_factory=lambda: {"geneval": 256, "ocr": 256, "pickscore": 256})
+    teachers: dict[str, str] = param(None, "task -> directory of its teacher adapter", default_factory=dict)
+    datasets: dict[str, int] = param(None, "task -> number of training prompts sampled from its teacher",
+                                     default_factory=lambda: {"geneval": 256, "ocr": 256, "pickscore": 256})
     sample_steps: int = param(20, "ODE steps when sampling the teachers", range=(1, None))
     cfg_scale: float = param(3.0, "CFG when sampling the teachers", range=(1, None))
     shift: float = param(1.0, "timestep shift when sampling the teachers (SD3.5-M: 3)", range=(0, None))

@@ -7,15 +7,31 @@ Every trainer's settings are a dataclass deriving from `Config`, fields declared
         lr: float = param(3e-4, "AdamW learning rate", range=(0, 1))
         objective: str = param("kl", "training objective", choices=("kl", "pg_detached"))
 
-`__post_init__` checks each field's declared range/choices and raises `ConfigError` naming the
-field, the bad value and what is allowed; subclasses add cross-field rules in `check()`.
-`from_dict`/`from_yaml` reject unknown keys (a typo must not silently fall back to a default)
-and build nested configs; `to_yaml` writes what a run actually used.
+`__post_init__` checks each field against its declared type, then its range/choices, and raises
+`ConfigError` naming the class.field, the bad value and what is allowed (`GRPOConfig.lr='fast' is
+not a float`); subclasses add cross-field rules in `check()`. `from_dict`/`from_yaml` reject
+unknown keys (a typo must not silently fall back to a default) and build nested configs;
+`to_yaml` writes what a run actually used.
+
+Types, as YAML and notebooks hand them over:
+    float        ints and numeric strings ('3e-4', which YAML reads as a string) become floats;
+                 NaN and inf are refused (a range check cannot catch NaN: every comparison is False)
+    int          integers only: bool is not an int, and neither is 2.5 nor 3.0 (an integral float
+                 is refused too, so a computed count that drifted to a float is caught, not rounded)
+    bool, str    exactly those (a path object becomes its str, so the config still writes as YAML)
+    X | None     None, or an X
+    dict[K, V]   every key a K and every value a V, e.g. `dict[str, float]` for reward weights and
+                 dataset ratios (a bare `dict` checks only that it is a mapping)
+    tuple[...]   a list becomes a tuple; items are checked when the annotation names their type
+    a Config     an instance, or a dict of its fields
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
+import os
 import types
 import typing
 from pathlib import Path
@@ -52,25 +68,124 @@ def _check_field(cls_name: str, f: dataclasses.Field, value: Any) -> None:
                               f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]")
 
 
-def _coerce(value: Any, annotation: Any) -> Any:
-    """YAML-friendly conversions: nested dicts -> configs, ints/strings like '3e-4' -> floats,
-    lists -> tuples where the field is a tuple."""
-    origin = typing.get_origin(annotation)
+class _Mismatch(Exception):
+    """A value that is not of the declared type: what was expected, and where inside the field."""
+
+    def __init__(self, value: Any, expected: str, at: str = "", note: str = ""):
+        super().__init__(expected)
+        self.value, self.expected, self.at, self.note = value, expected, at, note
+
+
+def _conform(value: Any, annotation: Any) -> Any:
+    """`value` as the declared `annotation` (module docstring: YAML-friendly conversions, strict
+    otherwise); raises _Mismatch."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, options[0]) if len(options) == 1 else value
-    if isinstance(annotation, type) and issubclass(annotation, Config) and isinstance(value, dict):
-        return annotation.from_dict(value)
-    if annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        return _conform_union(value, args)
+    if isinstance(annotation, type) and issubclass(annotation, Config):
+        if isinstance(value, dict):
+            return annotation.from_dict(value)  # its own ConfigError names the inner field
+        if isinstance(value, annotation):
+            return value
+        raise _Mismatch(value, f"a {annotation.__name__} (or a dict of its fields)")
+    if annotation is float:
+        return _conform_float(value)
+    if annotation is int:
+        return _conform_int(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch(value, "a bool (true or false)")
+    if annotation is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)  # safe_dump cannot write a Path
+        if isinstance(value, str):
+            return value
+        raise _Mismatch(value, "a str")
+    if annotation is dict or origin is dict:
+        return _conform_dict(value, args)
+    if annotation is tuple or origin is tuple:
+        return _conform_tuple(tuple(value) if isinstance(value, list) else value, args)
+    if isinstance(annotation, type) and annotation is not object and not isinstance(value, annotation):
+        raise _Mismatch(value, f"a {annotation.__name__}")
+    return value  # Any, or a typing construct without a rule here
+
+
+def _conform_union(value: Any, args: tuple) -> Any:
+    if value is None and type(None) in args:
+        return None
+    options = [a for a in args if a is not type(None)]
+    misses = []
+    for option in options:
         try:
-            return float(value)
-        except ValueError:
-            return value  # validation names the bad value
-    if (annotation is tuple or origin is tuple) and isinstance(value, list):
-        return tuple(value)
-    return value
+            return _conform(value, option)
+        except _Mismatch as miss:
+            misses.append(miss)
+    first = misses[0]
+    if first.at:  # the value had the right shape and failed inside (a dict entry): that is the news
+        raise first
+    expected = " or ".join(m.expected for m in misses) + (" or None" if type(None) in args else "")
+    raise _Mismatch(value, expected, note=first.note)
+
+
+def _conform_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise _Mismatch(value, "a float")
+    try:
+        number = float(value)
+    except ValueError:
+        raise _Mismatch(value, "a float") from None
+    if not math.isfinite(number):
+        raise _Mismatch(value, "a finite float", note=" (NaN and inf are not allowed)")
+    return number
+
+
+def _conform_int(value: Any) -> int:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)  # numpy ints too, as plain ints so the config writes as YAML
+    if isinstance(value, float) and value.is_integer():
+        raise _Mismatch(value, "an int", note=f" (write {int(value)}, without a decimal point)")
+    raise _Mismatch(value, "an int")
+
+
+def _conform_dict(value: Any, args: tuple) -> dict:
+    if not isinstance(value, dict):
+        raise _Mismatch(value, "a dict" if not args else f"a dict of {_name(args[0])} -> {_name(args[1])}")
+    if not args:
+        return value
+    kind = f"a dict of {_name(args[0])} -> {_name(args[1])}"
+    out = {}
+    for k, v in value.items():
+        try:
+            key = _conform(k, args[0])
+        except _Mismatch as miss:
+            raise _Mismatch(k, f"{miss.expected} (the keys of {kind})", " key", miss.note) from None
+        try:
+            out[key] = _conform(v, args[1])
+        except _Mismatch as miss:
+            raise _Mismatch(miss.value, miss.expected, f"[{k!r}]{miss.at}", miss.note) from None
+    return out
+
+
+def _conform_tuple(value: Any, args: tuple) -> tuple:
+    if not isinstance(value, tuple):
+        raise _Mismatch(value, "a tuple (or a list)")
+    if not args:
+        return value
+    kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if len(kinds) != len(value):
+        raise _Mismatch(value, f"a tuple of {len(kinds)} items")
+    items = []
+    for i, (item, kind) in enumerate(zip(value, kinds)):
+        try:
+            items.append(_conform(item, kind))
+        except _Mismatch as miss:
+            raise _Mismatch(miss.value, miss.expected, f"[{i}]{miss.at}", miss.note) from None
+    return tuple(items)
+
+
+def _name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
 
 
 @dataclasses.dataclass
@@ -80,7 +195,12 @@ class Config:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = _coerce(getattr(self, f.name), hints.get(f.name, Any))
+            given = getattr(self, f.name)
+            try:
+                value = _conform(given, hints.get(f.name, Any))
+            except _Mismatch as miss:  # before the range check, which would compare a str with a number
+                raise ConfigError(f"{type(self).__name__}.{f.name}{miss.at}={miss.value!r} is not {miss.expected}"
+                                  f"{miss.note}") from None
             object.__setattr__(self, f.name, value)
             _check_field(type(self).__name__, f, value)
         self.check()

@@ -87,7 +87,7 @@ def combined_rewards(images: torch.Tensor, prompts: list, weights: dict[str, flo
 @dataclasses.dataclass
 class GRPOConfig(OnPolicyConfig):
     adapter: str = param("teacher", "name of the trained LoRA adapter")
-    rewards: dict = param(None, "reward name -> weight (one name for a teacher, several for GRPO-Mix)",
+    rewards: dict[str, float] = param(None, "reward name -> weight (one name for a teacher, several for GRPO-Mix)",
                           default_factory=lambda: {"geneval": 1.0})
     reward_routing: str = param("all", "'all': each prompt gets the weighted sum of every reward that can judge it "
                                 "(Flow-GRPO's multi-reward); 'task': only its task's reward (task_rewards) "

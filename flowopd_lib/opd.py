@@ -100,7 +100,7 @@ class OPDConfig(OnPolicyConfig):
                            default_factory=dict)
     routing: str = param("hard", "'hard': each prompt's own teacher; 'soft': every prompt gets the "
                          "soft_weights blend of all teachers", choices=("hard", "soft"))
-    soft_weights: dict = param(None, "task -> weight of its teacher in 'soft' routing (default: equal)",
+    soft_weights: dict[str, float] = param(None, "task -> weight of its teacher in 'soft' routing (default: equal)",
                                default_factory=dict)
     objective: str = param("kl", "training objective (module docstring)", choices=OBJECTIVES)
     kl_scaling: str = param("exact", "'exact' Gaussian KL, the released per-dimension no-|dt| scale, or "
@@ -110,7 +110,7 @@ class OPDConfig(OnPolicyConfig):
     clip_range: float = param(1e-4, "PPO ratio clip of the policy-gradient objectives", range=(0, 1))
     mar_lambda: float = param(0.02, "weight of Manifold Anchor Regularization (0 = off)", range=(0, None))
     anchor: str = param("base", "MAR anchor: 'base' (adapters off) or a directory of an adapter (e.g. the deqa teacher)")
-    datasets: dict = param(None, "task -> sampling ratio of its training prompts",
+    datasets: dict[str, float] = param(None, "task -> sampling ratio of its training prompts",
                            default_factory=lambda: {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0})
     out_dir: str = param("runs/student", "run directory (adapter/, checkpoints/, metrics.csv)")
 

@@ -15,7 +15,15 @@ order, each a notebook with its own parameters:
 
 `{stage}` in a parameter value is that stage's output directory (what a stage consumes from an
 earlier one); every stage gets `out_dir` = papermill_runs/outputs/<run>/<stage>, and only the
-shared parameters its notebook declares. Stages whose notebook declares `eval_cache` share the
+shared parameters its notebook declares (papermill's `inspect_notebook`: the names assigned in
+its `parameters` cell). A shared or `-p` key that no stage's notebook declares is an error naming
+the closest declared one (a misspelt `time_budget_minuts` must not run the full budget), and so
+is `out_dir`, which the runner sets. A stage's parameters override the shared ones and `-p`
+overrides both; `extra` (the notebooks' bag of further config fields) is merged key by key, so a
+stage adding `extra: {gradient_checkpointing: true}` keeps the shared `extra: {rollout_chunks: 12,
+micro_batch: 4}`. Other mappings (rewards, datasets, teachers) are one choice each and are
+replaced whole: blending a stage's `rewards: {ocr: 1}` into a shared `{geneval: 1}` would train
+on both. Stages whose notebook declares `eval_cache` share the
 run's `eval_cache/` folder, so each adapter is evaluated once per run (the summary reuses the
 stages' numbers). A finished stage leaves `.done` and is skipped when the run is repeated; an
 interrupted stage re-runs and its trainer resumes from its checkpoints. A stage whose parameters
@@ -34,6 +42,7 @@ teachers side by side, then the stages that consume them), with cores / N thread
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import os
@@ -51,6 +60,8 @@ OUTPUTS = ROOT / "papermill_runs" / "outputs"
 KERNEL = "flowopd"
 _NAME = r"[A-Za-z0-9_]+"                # what a stage name may hold, so that {name} refers to it
 _REF = re.compile(r"\{(%s)\}" % _NAME)
+MERGED_PARAMETERS = {"extra"}           # mappings of independent settings: merged key by key (docstring)
+RUNNER_PARAMETERS = {"out_dir"}         # set by the runner for every stage
 
 
 class RunError(RuntimeError):
@@ -79,10 +90,45 @@ def load_spec(path: str | Path) -> dict:
 
 
 def notebook_parameters(notebook: Path) -> set[str]:
-    """Names assigned in the notebook's `parameters` cell."""
-    cells = json.loads(notebook.read_text())["cells"]
-    source = next(("".join(c["source"]) for c in cells if "parameters" in c["metadata"].get("tags", [])), "")
-    return {m.group(1) for m in re.finditer(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=", source, re.MULTILINE)}
+    """Names assigned in the notebook's `parameters` cell, as papermill reads them (what it can inject)."""
+    import papermill
+
+    return set(papermill.inspect_notebook(str(notebook)))
+
+
+def unknown_keys(keys, valid: set[str]) -> str:
+    """'key' (did you mean 'closest'?), ... for each of `keys` not in `valid` ("" when none is unknown)."""
+    said = []
+    for key in sorted(set(keys) - valid):
+        close = difflib.get_close_matches(key, sorted(valid), n=1)
+        said.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(said)
+
+
+def check_keys(spec: dict, overrides: dict) -> None:
+    """Shared and `-p` keys must be parameters some stage's notebook declares: otherwise they would
+    reach no stage, silently. `out_dir` is the runner's everywhere."""
+    declared = set().union(*(notebook_parameters(ROOT / s["notebook"]) for s in spec["stages"]))
+    valid = declared - RUNNER_PARAMETERS
+    notebooks = sorted({s["notebook"] for s in spec["stages"]})
+    for where, keys in ((f"{spec['name']}: shared", spec["shared"]), ("-p", overrides)):
+        if set(keys) & RUNNER_PARAMETERS:
+            raise RunError(f"{where}: out_dir is set by the runner (<outputs>/<run>/<stage>); choose the "
+                           "folder with --outputs")
+        said = unknown_keys(keys, valid)
+        if said:
+            raise RunError(f"{where}: no stage's notebook declares {said}; the notebooks {notebooks} declare "
+                           f"{sorted(valid)}")
+
+
+def merge_parameters(base: dict, update: dict) -> dict:
+    """`update` over `base`: `extra` (MERGED_PARAMETERS) key by key, any other value replaced whole."""
+    merged = dict(base)
+    for key, value in update.items():
+        if key in MERGED_PARAMETERS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = {**merged[key], **value}
+        merged[key] = value
+    return merged
 
 
 def resolve(value, stage_dirs: dict[str, Path], stage: str):
@@ -111,14 +157,16 @@ def parse_override(text: str) -> tuple[str, object]:
 def stage_parameters(spec: dict, stage: dict, stage_dirs: dict[str, Path], out_dir: Path,
                      overrides: dict) -> dict:
     declared = notebook_parameters(ROOT / stage["notebook"])
+    own = stage.get("parameters", {})
+    said = unknown_keys(own, declared - RUNNER_PARAMETERS)
+    if said:
+        raise RunError(f"stage {stage['name']!r}: {stage['notebook']} has no parameter(s) {said}"
+                       + ("; out_dir is set by the runner" if set(own) & RUNNER_PARAMETERS else "")
+                       + f"; it declares {sorted(declared - RUNNER_PARAMETERS)}")
     params = {k: v for k, v in spec["shared"].items() if k in declared}
-    params.update(stage.get("parameters", {}))
-    params.update({k: v for k, v in overrides.items() if k in declared})  # -p wins everywhere
+    params = merge_parameters(params, own)
+    params = merge_parameters(params, {k: v for k, v in overrides.items() if k in declared})  # -p wins everywhere
     params = resolve(params, stage_dirs, stage["name"])
-    unknown = sorted(set(stage.get("parameters", {})) - declared)
-    if unknown:
-        raise RunError(f"stage {stage['name']!r}: {stage['notebook']} has no parameter(s) {unknown}; "
-                       f"it declares {sorted(declared)}")
     params["out_dir"] = str(out_dir)
     if "eval_cache" in declared:
         params.setdefault("eval_cache", str(out_dir.parent / "eval_cache"))
@@ -155,6 +203,7 @@ def write_provenance(run_dir: Path, spec: dict, overrides: dict) -> None:
 
 def plan_stages(spec: dict, run_dir: Path, overrides: dict | None = None) -> list[tuple[dict, Path, dict]]:
     """(stage, output directory, resolved parameters) of every stage; raises RunError on a bad spec."""
+    check_keys(spec, overrides or {})
     stage_dirs: dict[str, Path] = {}
     plan = []
     for stage in spec["stages"]:

@@ -46,7 +46,7 @@ class OnPolicyConfig(Config):
     init_adapter: str | None = param(None, "directory of a saved adapter to start from (e.g. a merge); None = fresh LoRA")
     lora_rank: int = param(8, "LoRA rank", range=(1, None))
     lora_alpha: float = param(8.0, "LoRA alpha (scale = alpha / rank)", range=(0, None))
-    datasets: dict = param(None, "task -> sampling ratio of its training prompts, e.g. {geneval: 3, ocr: 1}",
+    datasets: dict[str, float] = param(None, "task -> sampling ratio of its training prompts, e.g. {geneval: 3, ocr: 1}",
                            default_factory=lambda: {"geneval": 1.0})
     dataset_mode: str = param("mixed", "'mixed': each update draws prompts of every task by ratio; 'alternate': "
                               "each update uses one task, cycling by ratio (the released code's alternation)",

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,98 @@ def test_yaml_round_trip_and_coercion(tmp_path):
     with pytest.raises(ConfigError):
         cfg.replace(lr=-1.0)
     assert "lr = 0.0003: learning rate [0, 1]" in Example.help()
+
+
+@dataclasses.dataclass
+class Typed(Config):
+    lr: float = param(3e-4, "learning rate", range=(0, 1))
+    steps: int = param(10, "steps", range=(1, None))
+    on: bool = param(False, "a switch")
+    name: str = param("x", "a name")
+    budget: float | None = param(None, "minutes", range=(0, None))
+    weights: dict[str, float] = param(default_factory=lambda: {"geneval": 1.0}, help="reward weights")
+    counts: tuple[int, ...] = param((1, 2), "counts")
+    anything: dict = param(default_factory=dict, help="a bare dict: any values")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr": "fast"}, r"^Typed.lr='fast' is not a float$"),
+    ({"lr": True}, r"^Typed.lr=True is not a float$"),
+    ({"lr": float("nan")}, r"^Typed.lr=nan is not a finite float \(NaN and inf are not allowed\)$"),
+    ({"lr": "inf"}, r"^Typed.lr='inf' is not a finite float"),
+    ({"steps": 2.5}, r"^Typed.steps=2.5 is not an int$"),
+    ({"steps": True}, r"^Typed.steps=True is not an int$"),
+    ({"steps": 3.0}, r"^Typed.steps=3.0 is not an int \(write 3, without a decimal point\)$"),
+    ({"steps": "3"}, r"^Typed.steps='3' is not an int$"),
+    ({"on": "yes"}, r"^Typed.on='yes' is not a bool"),
+    ({"name": 3}, r"^Typed.name=3 is not a str$"),
+    ({"budget": "soon"}, r"^Typed.budget='soon' is not a float or None$"),
+    ({"budget": float("inf")}, r"^Typed.budget=inf is not a finite float or None \(NaN and inf"),
+    ({"weights": {"geneval": "x"}}, r"^Typed.weights\['geneval'\]='x' is not a float$"),
+    ({"weights": {"ocr": float("nan")}}, r"^Typed.weights\['ocr'\]=nan is not a finite float"),
+    ({"weights": {1: 1.0}}, r"^Typed.weights key=1 is not a str \(the keys of a dict of str -> float\)$"),
+    ({"weights": ["geneval"]}, r"^Typed.weights=\['geneval'\] is not a dict of str -> float$"),
+    ({"counts": [1, 2.5]}, r"^Typed.counts\[1\]=2.5 is not an int$"),
+    ({"anything": 3}, r"^Typed.anything=3 is not a dict$"),
+])
+def test_values_are_checked_against_the_declared_type(values, message):
+    with pytest.raises(ConfigError, match=message):
+        Typed.from_dict(values)
+
+
+def test_declared_types_accept_what_yaml_and_notebooks_write(tmp_path):
+    cfg = Typed(lr=1, steps=np.int64(3), budget="2.5", weights={"geneval": 3, "ocr": "1e-1"}, counts=[4, 5],
+                name=tmp_path, anything={"a": "b"})
+    assert type(cfg.lr) is float and cfg.lr == 1.0 and type(cfg.steps) is int and cfg.budget == 2.5
+    assert cfg.weights == {"geneval": 3.0, "ocr": 0.1} and all(type(w) is float for w in cfg.weights.values())
+    assert cfg.counts == (4, 5) and cfg.name == str(tmp_path) and cfg.anything == {"a": "b"}
+    cfg.to_yaml(tmp_path / "t.yaml")
+    assert Typed.from_yaml(tmp_path / "t.yaml") == cfg
+    assert Typed(budget=None).budget is None
+
+
+def test_shipped_configs_defaults_pass_their_own_types(tmp_path):
+    from flowopd_lib.coldstart import SFTConfig
+    from flowopd_lib.grpo import GRPOConfig
+    from flowopd_lib.opd import OPDConfig
+    from flowopd_lib.pretrain import PretrainConfig
+    from flowopd_lib.sanity import SanityConfig
+
+    teachers = {"geneval": "a", "ocr": "b", "pickscore": "c"}
+    for cfg in (SanityConfig(), PretrainConfig(), GRPOConfig(), OPDConfig(teachers=teachers), SFTConfig(teachers=teachers)):
+        cfg.to_yaml(tmp_path / "c.yaml")
+        assert type(cfg).from_yaml(tmp_path / "c.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"^GRPOConfig.lr='fast' is not a float$"):
+        GRPOConfig(lr="fast")
+    with pytest.raises(ConfigError, match=r"^GRPOConfig.group_size=2.5 is not an int$"):
+        GRPOConfig(group_size=2.5)
+    with pytest.raises(ConfigError, match=r"^GRPOConfig.noise_level=nan is not a finite float"):
+        GRPOConfig(noise_level=float("nan"))
+    with pytest.raises(ConfigError, match=r"^GRPOConfig.micro_batch=2.5 is not an int or None$"):
+        GRPOConfig(micro_batch=2.5)
+    with pytest.raises(ConfigError, match=r"^SFTConfig.datasets\['geneval'\]=8.5 is not an int$"):
+        SFTConfig(teachers=teachers, datasets={"geneval": 8.5})
+
+
+@pytest.mark.parametrize("cls_name, field", [("GRPOConfig", "rewards"), ("GRPOConfig", "datasets"),
+                                             ("OPDConfig", "datasets"), ("OPDConfig", "soft_weights")])
+def test_weight_and_ratio_dicts_hold_finite_numbers(cls_name, field):
+    """A reward weight or a dataset ratio of "x" (or NaN) must be refused when the config is built,
+    naming the entry, not fail later inside the trainer's arithmetic."""
+    from flowopd_lib.grpo import GRPOConfig
+    from flowopd_lib.opd import OPDConfig
+
+    cls = {"GRPOConfig": GRPOConfig, "OPDConfig": OPDConfig}[cls_name]
+    extra = {"teachers": {"geneval": "a", "ocr": "b", "pickscore": "c"}} if cls is OPDConfig else {}
+    for bad in ("x", float("nan")):
+        try:
+            cls(**{**extra, field: {"geneval": bad}})
+        except ConfigError as err:
+            assert f"{cls_name}.{field}['geneval']={bad!r} is not" in str(err), str(err)
+        except Exception as err:  # e.g. a TypeError from the trainer's check() comparing "x" with 0
+            raise AssertionError(f"{type(err).__name__}: {err}, not a ConfigError naming the entry") from err
+        else:
+            raise AssertionError(f"{cls_name}.{field}={{'geneval': {bad!r}}} was accepted")
 
 
 def test_metrics_csv_grows_its_header(tmp_path):

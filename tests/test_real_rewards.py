@@ -7,8 +7,11 @@ import pickle
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +50,8 @@ def test_rapidocr_reads_rendered_text_with_flow_grpo_scoring():
 def test_rapidocr_needs_quoted_text():
     with pytest.raises(ValueError, match="double quotes"):
         rewards.score("rapidocr", torch.ones(1, 3, 32, 32), ["a sign without quotes"])
+    with pytest.raises(ValueError, match="""OCR prompt 'a sign that says ""' quotes no text"""):
+        rewards.score("rapidocr", torch.ones(1, 3, 32, 32), ['a sign that says ""'])
 
 
 # ----------------------------------------------------------------------------- pickscore_v1
@@ -91,7 +96,7 @@ def test_pickscore_v1_loads_lazily_once(monkeypatch):
 @contextmanager
 def stub_server(respond):
     """A loopback HTTP server; respond(request dict, call number) -> (status, body bytes).
-    Yields its URL and the list of requests it received (unpickled: the test trusts its client)."""
+    Yields its URL and the list of requests it received (decoded by the restricted unpickler)."""
     received = []
 
     def record(request):
@@ -224,6 +229,42 @@ def test_restricted_unpickler_refuses_code_and_admits_data(tmp_path):
         with pytest.raises(RewardServerError, match="refused"):
             DeQAServer(url=url)(gray_images(1), ["x"])
     assert not marker.exists()
+
+
+class MarkerExploit:
+    """A pickle that, loaded by a plain `pickle.loads`, would create a marker file (harmless proof of
+    code execution): it names `pathlib.Path.touch`, a callable outside the admitted types."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def post(url: str, body: bytes) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=5) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_stub_server_refuses_hostile_requests(tmp_path):
+    """Any local process can POST to the stub's loopback port: its requests are decoded with the
+    clients' restricted unpickler, so a pickle naming a callable runs nothing and is answered 400."""
+    marker = tmp_path / "pwned"
+    assert pickle.loads(pickle.dumps(MarkerExploit(marker))) is None and marker.exists()  # the payload works ...
+    marker.unlink()
+    called = []
+    with stub_server(lambda request, call: called.append(request) or (200, b"scored")) as (url, received):
+        for hostile in (pickle.dumps(MarkerExploit(marker)), pickle.dumps({"images": [MarkerExploit(marker)]}),
+                        pickle.dumps(Exploit(marker)), b"not a pickle"):
+            status, body = post(url, hostile)
+            assert status == 400 and body.startswith(b"bad request"), (status, body)
+        assert not marker.exists() and not called  # ... but not here
+        assert b"refused to load" in post(url, pickle.dumps(Exploit(marker)))[1]
+        assert post(url, pickle.dumps({"images": [b"jpeg"], "only_strict": True})) == (200, b"scored")
 
 
 # ----------------------------------------------------------------------------- AsyncScorer

@@ -1,6 +1,7 @@
 """Toy rewards: exact on ground truth, ~0 on noise and blank images, the upstream formulas,
 ordering of degradations, the shipped PickScore proxy, and throughput."""
 import json
+import re
 import time
 
 import pytest
@@ -95,6 +96,18 @@ def test_ocr_reads_the_wrong_text_as_wrong():
     p = toy.parse_prompt('a sign that says "A74"', "ocr")
     wrong = toy.render([toy.parse_prompt('a sign that says "A7"', "ocr")])
     assert rewards.score("ocr", wrong, [p])["reward"].item() == pytest.approx(2 / 3)
+
+
+def test_ocr_prompt_quoting_no_text_is_a_value_error_naming_it():
+    """`a sign that says ""` has no target: the reward would divide by its length 0."""
+    images = torch.ones(1, 3, 32, 32)
+    for empty in ('a sign that says ""', 'a sign that says "  "'):
+        for prompt in (toy.parse_prompt(empty, "ocr"), empty):
+            with pytest.raises(ValueError, match=f"OCR prompt {re.escape(repr(empty))} quotes no text"):
+                rewards.score("ocr", images, [prompt])
+    with pytest.raises(ValueError, match="OCR target text is empty"):
+        ocr.ocr_reward("A7", " ")
+    assert rewards.score("ocr", images, ['a sign that says "A7"'])["reward"].item() == 0.0  # plain strings score too
 
 
 def test_deqa_orders_clean_blurred_noisy():

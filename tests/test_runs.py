@@ -117,6 +117,51 @@ def test_shipped_specs_plan_without_errors(path, tmp_path):
     runs.plan_stages(runs.load_spec(path), tmp_path, {})  # raises RunError naming the stage and the fault
 
 
+def test_unknown_shared_and_override_keys_name_the_closest_declared_one(tmp_path):
+    """A key no stage's notebook declares would reach no stage: a misspelt budget would run in full."""
+    spec = runs.load_spec(runs.ROOT / "papermill_runs/toy_quick.yaml")
+    with pytest.raises(runs.RunError, match=r"^-p: no stage's notebook declares 'time_budget_minuts' "
+                                            r"\(did you mean 'time_budget_minutes'\?\)"):
+        runs.plan_stages(spec, tmp_path, {"time_budget_minuts": 1})
+    with pytest.raises(runs.RunError, match=r"^toy_quick: shared: .*'eval_promts' \(did you mean 'eval_prompts'\?\)"):
+        runs.plan_stages({**spec, "shared": {**spec["shared"], "eval_promts": 4}}, tmp_path, {})
+    with pytest.raises(runs.RunError, match="out_dir is set by the runner.*--outputs"):
+        runs.plan_stages(spec, tmp_path, {"out_dir": "elsewhere"})
+    stage = {**spec["stages"][0], "parameters": {**spec["stages"][0]["parameters"], "bta": 0.1}}
+    with pytest.raises(runs.RunError, match=r"teacher_geneval.*no parameter\(s\) 'bta' \(did you mean 'beta'\?\)"):
+        runs.plan_stages({**spec, "stages": [stage]}, tmp_path, {})
+    # a key that only some stages declare is valid: it goes to those stages alone
+    plan = {stage["name"]: params for stage, _, params in runs.plan_stages(spec, tmp_path, {"sft_steps": 3})}
+    assert plan["coldstart"]["sft_steps"] == 3 and "sft_steps" not in plan["teacher_geneval"]
+    with pytest.raises(SystemExit, match="time_budget_minutes"):  # the command line says it before running
+        runs.main([str(runs.ROOT / "papermill_runs/toy_quick.yaml"), "-p", "time_budget_minuts=0.1",
+                   "--outputs", str(tmp_path / "outputs")])
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_notebook_parameters_are_what_papermill_reads():
+    assert {"extra", "time_budget_minutes", "rewards", "out_dir"} <= runs.notebook_parameters(
+        runs.ROOT / "notebooks/02_teacher_grpo.ipynb")
+
+
+def test_extra_merges_key_by_key_while_other_mappings_are_replaced(tmp_path):
+    """sd35m.yaml shares extra: {rollout_chunks: 12, micro_batch: 4}; a stage or -p adding one
+    setting keeps the others, while a stage's task_rewards (one choice) replaces the shared one."""
+    spec = runs.load_spec(runs.ROOT / "papermill_runs/sd35m.yaml")
+    teacher = spec["stages"][0]
+    teacher["parameters"] = {**teacher["parameters"], "extra": {"gradient_checkpointing": True},
+                             "task_rewards": {"geneval": "geneval"}}
+    plan = {stage["name"]: params for stage, _, params in runs.plan_stages(spec, tmp_path, {})}
+    assert plan["teacher_geneval"]["extra"] == {"rollout_chunks": 12, "micro_batch": 4, "gradient_checkpointing": True}
+    assert plan["teacher_geneval"]["task_rewards"] == {"geneval": "geneval"}
+    assert plan["teacher_ocr"]["extra"] == {"rollout_chunks": 12, "micro_batch": 4}
+    overrides = dict([runs.parse_override("extra={micro_batch: 2}")])
+    plan = {stage["name"]: params for stage, _, params in runs.plan_stages(spec, tmp_path, overrides)}
+    assert plan["teacher_geneval"]["extra"] == {"rollout_chunks": 12, "micro_batch": 2, "gradient_checkpointing": True}
+    assert plan["opd_merge"]["extra"] == {"rollout_chunks": 12, "micro_batch": 2}
+    assert spec["shared"]["extra"] == {"rollout_chunks": 12, "micro_batch": 4}  # the spec itself is left as it was
+
+
 def test_parallel_jobs_start_a_stage_only_after_the_stages_it_consumes(spec, tmp_path):
     run_dir = runs.run(spec, outputs=tmp_path / "outputs", jobs=2)
     stamp = lambda stage, name: (run_dir / stage / name).stat().st_mtime  # noqa: E731

@@ -1,8 +1,10 @@
 """The trainers' command line (what `accelerate launch -m flowopd_lib.train` runs)."""
+import pytest
 import torch
 import yaml
 
 from flowopd_lib import train
+from flowopd_lib.config import ConfigError
 from flowopd_lib.grpo import GRPOConfig
 from tiny import tiny_model
 
@@ -31,3 +33,26 @@ def test_launch_writes_the_config_and_runs_it_in_a_fresh_process(tmp_path, monke
     train.launch("grpo", cfg)
     assert (tmp_path / "launched" / "launch_config.yaml").exists()
     assert (tmp_path / "launched" / "adapter" / "adapter.json").exists()
+
+
+def test_cli_refuses_an_override_without_equals_and_an_unknown_key(tmp_path, capsys, monkeypatch):
+    """`train grpo run.yaml lr` used to train with lr=None; a typo'd key must not fall back to a default."""
+    trained = []
+    monkeypatch.setattr(train, "_load", lambda stage: (GRPOConfig, trained.append))  # nothing trains here
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"updates": 1}))
+    with pytest.raises(SystemExit):
+        train.main(["grpo", str(tmp_path / "run.yaml"), "lr"])
+    assert "override 'lr' is not key=value: write e.g. lr=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["grpo", str(tmp_path / "run.yaml"), "updates=2", "=3"])
+    assert "override '=3' is not key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["grpo", "lr"])  # no YAML file of that name either
+    assert "'lr' is neither a config file (no such file) nor a key=value override" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"unknown GRPOConfig key\(s\): 'lrr' \(did you mean 'lr'\?\)"):
+        train.main(["grpo", str(tmp_path / "run.yaml"), "lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown GRPOConfig key\(s\): 'updats'"):
+        train.main(["grpo", "updats=1"])  # overrides alone, without a YAML file
+    assert not trained
+    train.main(["grpo", "updates=2", "lr=0.5"])
+    assert trained[0].updates == 2 and trained[0].lr == 0.5

@@ -10,7 +10,8 @@ are the best within one glyph pitch are read left to right. One line of text is 
 Reward, exactly Flow-GRPO's: target = the quoted text of the prompt; both lower-cased with
 spaces removed; distance = 0 if the target is a substring of what was read, else the
 Levenshtein distance, capped at the target's length; reward = 1 - distance / len(target).
-"exact" is 1 when the reward is 1.
+"exact" is 1 when the reward is 1. A prompt whose quotes hold no text (`a sign that says ""`, or
+only spaces) has no reward (it would divide by 0): scoring it raises ValueError naming the prompt.
 """
 from __future__ import annotations
 
@@ -71,14 +72,30 @@ def read_text(images: torch.Tensor) -> list[str]:
 
 
 def ocr_reward(read: str, target: str) -> float:
-    """Flow-GRPO's OCR reward of what was read against the target text."""
+    """Flow-GRPO's OCR reward of what was read against the target text (ValueError if the target
+    is empty once spaces are removed: the reward divides by its length)."""
     read, target = read.replace(" ", "").lower(), target.replace(" ", "").lower()
+    if not target:
+        raise ValueError(f"the OCR target text is empty ({target!r}); the reward needs text to read")
     dist = 0 if target in read else Levenshtein.distance(read, target)
     return 1 - min(dist, len(target)) / len(target)
 
 
+def target_text(prompt: Prompt | str) -> str:
+    """The text an OCR prompt asks for: its spec's "text", else what its first pair of double
+    quotes holds. ValueError naming the prompt when that is empty (or only spaces)."""
+    spec = getattr(prompt, "spec", None) or {}
+    text = getattr(prompt, "text", prompt)
+    target = spec["text"] if "text" in spec else parse_ocr(text)["text"]
+    if not target.replace(" ", ""):
+        raise ValueError(f"OCR prompt {text!r} quotes no text ({target!r}): the OCR reward scores the quoted "
+                         "text, so quote some, e.g. 'a sign that says \"OPEN\"'")
+    return target
+
+
 def score(images: torch.Tensor, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
-    """{"reward": Flow-GRPO OCR reward [B], "exact": 1 if the text was read in full [B]}."""
-    targets = [p.spec["text"] if "text" in p.spec else parse_ocr(p.text)["text"] for p in prompts]
+    """{"reward": Flow-GRPO OCR reward [B], "exact": 1 if the text was read in full [B]}.
+    Raises ValueError naming a prompt that quotes no text (`a sign that says ""`)."""
+    targets = [target_text(p) for p in prompts]
     rewards = torch.tensor([ocr_reward(r, t) for r, t in zip(read_text(images), targets)], dtype=torch.float32)
     return {"reward": rewards, "exact": (rewards == 1).float()}

@@ -10,7 +10,8 @@ Scoring is the toy OCR reward's rule (`rewards.ocr.ocr_reward`, Flow-GRPO's): th
 text between the prompt's first pair of double quotes; every recognised line is joined in the
 engine's reading order; both lower-cased with spaces removed; distance 0 if the target is a
 substring of what was read, else the Levenshtein distance capped at the target's length;
-reward = 1 - distance / len(target). "exact" is 1 when the reward is 1.
+reward = 1 - distance / len(target). "exact" is 1 when the reward is 1. A prompt whose quotes
+hold no text (`a sign that says ""`) raises ValueError naming it (`rewards.ocr.target_text`).
 
 The engine runs on the CPU (onnxruntime), as Flow-GRPO's PaddleOCR does (`use_gpu=False`);
 it is built on first use and cached. `score(images, prompts, engine=RapidOCR(...))` scores with
@@ -22,8 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from ...toy.grammar import parse_ocr
-from ..ocr import ocr_reward
+from ..ocr import ocr_reward, target_text
 from .inputs import prompt_text, to_uint8
 
 ENGINE_OPTIONS = {"use_cls": False, "det_limit_type": "max", "det_limit_side_len": 960, "text_score": 0.5}
@@ -48,8 +48,9 @@ def read_text(images: torch.Tensor, engine=None) -> list[str]:
 
 
 def score(images: torch.Tensor, prompts: list, engine=None) -> dict[str, torch.Tensor]:
-    """{"reward": Flow-GRPO OCR reward [B], "exact": 1 if the quoted text was read in full [B]}."""
-    targets = [parse_ocr(prompt_text(p))["text"] for p in prompts]
+    """{"reward": Flow-GRPO OCR reward [B], "exact": 1 if the quoted text was read in full [B]}.
+    Raises ValueError naming a prompt that quotes no text (`a sign that says ""`)."""
+    targets = [target_text(prompt_text(p)) for p in prompts]  # before the engine reads anything
     read = read_text(images, engine)
     rewards = torch.tensor([ocr_reward(r, t) for r, t in zip(read, targets)], dtype=torch.float32)
     return {"reward": rewards, "exact": (rewards == 1).float()}

@@ -6,6 +6,10 @@ pickle of scores back), so a run wired for real servers runs unchanged on a CPU:
 FLOWOPD_DEQA_URL at them. The answers are the toy world's detector and quality score, so they
 are meaningful only on toy-like images; what the stand-ins test is the wiring, not SD3.5-M.
 
+Requests are decoded by the clients' `restricted_loads` (plain containers, numbers, strings,
+bytes, numpy arrays): any local process can POST to a loopback port, and a plain `pickle.loads`
+would run whatever callable its pickle names. A pickle naming anything else is answered 400.
+
     with toy_reward_servers() as urls:   # {"geneval": "http://127.0.0.1:PORT", "deqa": ...}
         ...
 """
@@ -26,7 +30,7 @@ from PIL import Image
 
 from ...toy.grammar import Prompt
 from .. import deqa, geneval
-from .server import DEQA_MAX_SCORE
+from .server import DEQA_MAX_SCORE, restricted_loads
 
 
 def decode_images(request: dict) -> torch.Tensor:
@@ -55,16 +59,13 @@ def deqa_answer(request: dict) -> dict:
 
 
 def serve(respond: Callable[[dict], tuple[int, bytes]]) -> ThreadingHTTPServer:
-    """Start a loopback server on a free port (daemon thread): each POST's unpickled request goes
-    to `respond(request) -> (status, body)`; an exception there answers 500 with the traceback."""
+    """Start a loopback server on a free port (daemon thread): each POST's request, decoded by
+    `restricted_loads`, goes to `respond(request) -> (status, body)`; a request naming a callable
+    or class answers 400, an exception in `respond` 500 with the traceback."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
-            try:
-                request = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))  # our own client
-                status, body = respond(request)
-            except Exception:
-                status, body = 500, traceback.format_exc().encode()
+            status, body = reply(respond, self.rfile.read(int(self.headers["Content-Length"])))
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -77,6 +78,20 @@ def serve(respond: Callable[[dict], tuple[int, bytes]]) -> ThreadingHTTPServer:
     server.handle_error = lambda request, address: None  # a client that timed out closed its socket
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server
+
+
+def reply(respond: Callable[[dict], tuple[int, bytes]], data: bytes) -> tuple[int, bytes]:
+    """(status, body) for one request body: 400 if it does not decode under `restricted_loads`
+    (a hostile pickle, or not a pickle at all: the client must not retry it), else `respond`'s
+    answer, or 500 with the traceback if `respond` raised."""
+    try:
+        request = restricted_loads(data)
+    except Exception as refused:
+        return 400, f"bad request: {type(refused).__name__}: {refused}".encode()
+    try:
+        return respond(request)
+    except Exception:
+        return 500, traceback.format_exc().encode()
 
 
 def answering(answer: Callable[[dict], dict]) -> Callable[[dict], tuple[int, bytes]]:
