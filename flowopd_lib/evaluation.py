@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, rewards, rollout
+from . import data, rewards, rollout, stats
 from .models.base import FlowModel
 from .toy.grammar import GENEVAL_TAGS
 
@@ -254,6 +254,79 @@ def headroom(model: FlowModel, tasks: tuple[str, ...] = EXACT_TASKS, n_prompts: 
     table.index.name = "task"
     table["prompts"] = table["prompts"].astype(int)
     return table[[f"pass@{k}" for k in ks] + [f"pass@{k}_se" for k in ks] + ["headroom", "prompts"]]
+
+
+# ----------------------------------------------------------------------------- metrics with uncertainty
+
+def sample_values(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Each sample's contribution [N] to the task's metrics (the metric is their mean, per category
+    for GenEval): geneval strict correctness; ocr, pickscore (+ pickscore_true), deqa (1-5) scores."""
+    scores = rewards.score(reward_name or task, images, prompts)
+    if task == "geneval":
+        return {"geneval": scores["strict"].float()}
+    if task == "pickscore":
+        return {"pickscore": scores["reward"].float(), **({"pickscore_true": scores["true"].float()}
+                                                         if "true" in scores else {})}
+    if task == "deqa":
+        return {"deqa": scores["quality" if "quality" in scores else "reward"].float()}
+    return {task: scores["reward"].float()}
+
+
+def sample_scores(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = TASKS, n_prompts: int = 90,
+                  samples_per_prompt: int = 1, steps: int = 20, cfg_scale: float = 3.0, seed: int = 0,
+                  shift: float = 1.0, prompt_root: str | None = None, reward_for_task: dict[str, str] | None = None,
+                  prompts_for_task: Callable[[str, int, int], list] | None = None) -> pd.DataFrame:
+    """Per-sample scores, one row per (model, metric, prompt, sample): columns model, metric, prompt
+    (index in the task's prompt list), sample, stratum (GenEval's category; the task otherwise),
+    value. Sample j of a prompt starts from the noise of seed + j for every model (paired), so sample
+    0 is what `evaluate(seed=seed)` generates. `summarise` and `compare` turn it into tables."""
+    if not isinstance(models, dict):
+        models = {"model": models}
+    prompts_for_task = prompts_for_task or (lambda task, n, s: data.prompts(task, n, "test", s, prompt_root))
+    prompt_sets = {task: prompts_for_task(task, n_prompts, seed) for task in tasks}
+    frames = []
+    for name, model in models.items():
+        for task, prompts in prompt_sets.items():
+            strata = [p.spec["tag"] if task == "geneval" else task for p in prompts]
+            for j in range(samples_per_prompt):
+                images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale,
+                                          seed=seed + j, shift=shift)
+                for metric_name, values in sample_values(task, prompts, images, (reward_for_task or {}).get(task)).items():
+                    frames.append(pd.DataFrame({"model": name, "metric": metric_name, "prompt": range(len(prompts)),
+                                                "sample": j, "stratum": strata, "value": values.cpu().numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _per_prompt(scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean over samples: one row per (model, metric, prompt) with its stratum."""
+    return scores.groupby(["model", "metric", "prompt", "stratum"], sort=False, as_index=False)["value"].mean()
+
+
+def summarise(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: each metric and its standard error (`<metric>_se`, over prompts), from
+    `sample_scores`."""
+    rows: dict[str, dict[str, float]] = {}
+    for (model, metric_name), group in _per_prompt(scores).groupby(["model", "metric"], sort=False):
+        value, se = stats.metric_and_se(group["value"].to_numpy(), group["stratum"].to_numpy())
+        rows.setdefault(model, {}).update({metric_name: value, f"{metric_name}_se": se})
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def compare(scores: pd.DataFrame, model: str, reference: str, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """`model` minus `reference` on each metric, with a paired bootstrap 95% interval (the same
+    prompts and noise for both, resampled together): columns diff, low, high."""
+    per_prompt = _per_prompt(scores)
+    rows = {}
+    for metric_name, group in per_prompt.groupby("metric", sort=False):
+        a = group[group["model"] == model].sort_values("prompt")
+        b = group[group["model"] == reference].sort_values("prompt")
+        if a.empty or b.empty:
+            raise ValueError(f"compare: no {metric_name!r} scores for {model if a.empty else reference!r}; "
+                             f"models: {sorted(per_prompt['model'].unique())}")
+        diff, low, high = stats.paired_difference(a["value"].to_numpy(), b["value"].to_numpy(),
+                                                  a["stratum"].to_numpy(), n_boot=n_boot, seed=seed)
+        rows[metric_name] = {"diff": diff, "low": low, "high": high}
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def sample_grid(models: dict[str, FlowModel], prompts: list[str], steps: int = 20, cfg_scale: float = 3.0,

@@ -1,0 +1,63 @@
+"""Standard errors and paired bootstrap intervals: analytic cases, and the evaluation tables built on them."""
+import numpy as np
+import pytest
+import torch
+
+from flowopd_lib import evaluation, stats, toy
+
+def test_metric_is_the_mean_over_strata_of_stratum_means():
+    values, strata = [1, 1, 1, 0, 0.5], ["a", "a", "a", "b", "b"]
+    assert stats.metric(values, strata) == pytest.approx((1 + 0.25) / 2)
+    assert stats.metric(values, ["x"] * 5) == pytest.approx(3.5 / 5)
+
+def test_standard_error_matches_the_textbook_formula():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=50)
+    value, se = stats.metric_and_se(values, ["x"] * 50)
+    assert value == pytest.approx(values.mean()) and se == pytest.approx(values.std(ddof=1) / np.sqrt(50))
+    # two strata: the errors of the two means combine, halved by the average
+    a, b = values[:20], values[20:]
+    _, se2 = stats.metric_and_se(values, ["a"] * 20 + ["b"] * 30)
+    assert se2 == pytest.approx(np.sqrt(a.var(ddof=1) / 20 + b.var(ddof=1) / 30) / 2)
+
+def test_paired_difference_of_a_constant_shift_is_exact_and_pairing_removes_prompt_noise():
+    rng = np.random.default_rng(1)
+    prompt_difficulty = rng.normal(size=200) * 5  # large, shared by both models
+    a, b = prompt_difficulty + 0.1, prompt_difficulty
+    diff, low, high = stats.paired_difference(a, b, ["x"] * 200)
+    assert diff == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    noisy = a + rng.normal(size=200) * 0.05
+    diff, low, high = stats.paired_difference(noisy, b, ["x"] * 200)
+    assert low < 0.1 < high and high - low < 0.05  # unpaired, the prompt spread (5) would swamp 0.1
+    with pytest.raises(ValueError, match="same prompts"):
+        stats.paired_difference(a, b[:10], ["x"] * 200)
+
+def test_sample_scores_summarise_and_compare_on_ground_truth_and_blank_images(monkeypatch):
+    """A 'model' that draws the ground truth against one that draws blank canvases."""
+
+    prompts = {task: toy.sample_prompts(task, n=12, split="test", seed=0) for task in ("geneval", "ocr")}
+    by_text = {p.text: p for ps in prompts.values() for p in ps}
+    truth = lambda texts, seed: toy.render([by_text[t] for t in texts], seed=seed)  # noqa: E731
+    blank = lambda texts, seed: torch.ones(len(texts), 3, 32, 32)  # noqa: E731
+    monkeypatch.setattr(evaluation.rollout, "generate", lambda model, texts, **kw: model(texts, kw["seed"]))
+    scores = evaluation.sample_scores({"truth": truth, "blank": blank}, tasks=("geneval", "ocr"), n_prompts=12,
+                                      samples_per_prompt=2, prompts_for_task=lambda task, n, s: prompts[task])
+    assert set(scores["sample"]) == {0, 1} and len(scores) == 2 * 2 * 2 * 12
+    table = evaluation.summarise(scores)
+    assert table.loc["truth", "geneval"] >= 0.95 and table.loc["blank", "geneval"] == 0
+    assert table.loc["truth", "ocr"] >= 0.95 and table.loc["blank", "ocr_se"] == 0
+    diff = evaluation.compare(scores, "truth", "blank")
+    assert diff.loc["geneval", "low"] > 0.5 and diff.loc["ocr", "diff"] == pytest.approx(
+        table.loc["truth", "ocr"] - table.loc["blank", "ocr"])
+    with pytest.raises(ValueError, match="no 'geneval' scores for 'nobody'"):
+        evaluation.compare(scores, "nobody", "blank")
+
+def test_sample_scores_of_sample_zero_equal_evaluate():
+    from tiny import tiny_model
+
+    model = tiny_model()
+    kwargs = dict(tasks=("ocr", "pickscore"), n_prompts=6, steps=2, cfg_scale=2.0, seed=3)
+    table = evaluation.summarise(evaluation.sample_scores(model, samples_per_prompt=1, **kwargs))
+    reference = evaluation.evaluate(model, **kwargs)
+    for column in ("ocr", "pickscore", "pickscore_true"):
+        assert table.loc["model", column] == pytest.approx(reference.loc["model", column], abs=1e-6)
