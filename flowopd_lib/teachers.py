@@ -4,6 +4,7 @@ from the base, and the command that trains (and ships) it.
     python -m flowopd_lib.teachers train geneval --out runs/teachers/geneval     # resumes if interrupted
     python -m flowopd_lib.teachers train geneval -c lr=3e-4 -c updates=50        # any config override
     python -m flowopd_lib.teachers ship geneval --run runs/teachers/geneval      # -> assets/teachers/geneval
+    python -m flowopd_lib.teachers efficiency geneval --samples 8192 --out runs/efficiency_geneval
 
 A recipe is a trainer name (`grpo`, `nft`, `awm`) plus config overrides; the evaluation during
 training uses the recipe's protocol (CFG scale, steps) on held-out test prompts, so the learning
@@ -38,9 +39,9 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "ocr": ("nft", {**_COMMON, "rewards": {"ocr": 1.0}, "datasets": {"ocr": 1.0}, "updates": 300}),
     "pickscore": ("nft", {**_COMMON, "rewards": {"pickscore": 1.0}, "datasets": {"pickscore": 1.0},
                           "updates": 300}),
-    # The paper's DeQA teacher trains on DeQA : PickScore prompts 4 : 6, judged by DeQA.
-    "deqa": ("nft", {**_COMMON, "rewards": {"deqa": 1.0}, "datasets": {"deqa": 4.0, "pickscore": 6.0},
-                     "reward_routing": "all", "updates": 300}),
+    # The paper's DeQA teacher: rewards DeQA : PickScore 4 : 6 (DeQA / 5 first, as the study's GRPO one).
+    "deqa": ("nft", {**_COMMON, "rewards": {"deqa": 0.08, "pickscore": 0.6}, "datasets": {"deqa": 1.0},
+                     "updates": 300}),
 }
 
 
@@ -62,10 +63,12 @@ def recipe_config(task: str, out_dir: str, overrides: dict | None = None):
     return config_cls.from_dict({**values, "adapter": task, "out_dir": out_dir, **(overrides or {})})
 
 
-def eval_fn_for(task: str, n_prompts: int = 90, protocol: dict = PROTOCOL):
-    """The learning-curve evaluation: the teacher's own task on held-out prompts under `protocol`."""
+def eval_fn_for(task: str, n_prompts: int = 90, protocol: dict | None = None):
+    """The learning-curve evaluation: the teacher's own metric and its standard error (`<task>_se`)
+    on held-out prompts under `protocol`, the same prompts and noise at every point (paired)."""
     def run(model) -> dict:
-        return evaluation.scores_of(model, tasks=(task,), n_prompts=n_prompts, **protocol)
+        scores = evaluation.sample_scores(model, tasks=(task,), n_prompts=n_prompts, **(protocol or PROTOCOL))
+        return evaluation.summarise(scores).iloc[0].to_dict()
     return run
 
 
@@ -73,6 +76,56 @@ def train(task: str, out_dir: str, overrides: dict | None = None, eval_prompts: 
     cfg = recipe_config(task, out_dir, overrides)
     _, train_fn = trainer_for(RECIPES[task][0])
     return train_fn(cfg, eval_fn=eval_fn_for(task, eval_prompts))
+
+
+# The side-by-side efficiency run: shared settings, then each trainer's own (the ones it is known to
+# work with on the toy base: GRPO at the study's teacher lr and KL; NFT and AWM as the recipes).
+EFFICIENCY_SHARED = dict(cfg_scale=1.0, sde_steps=10, prompts_per_update=32, group_size=8, lora_rank=8,
+                         lora_alpha=8.0, ema_decay=0.9, seed=0)
+EFFICIENCY_TRAINERS = {
+    "grpo": dict(lr=1e-2, beta=0.04, minibatches=2),
+    "nft": dict(lr=1e-3, beta=1e-4, minibatches=4, train_timesteps=4),
+    "awm": dict(lr=1e-3, beta=1e-3, minibatches=4, train_timesteps=4),
+}
+
+
+def efficiency(task: str, samples: int, eval_every_samples: int, out: str | Path,
+               trainers: tuple[str, ...] = tuple(EFFICIENCY_TRAINERS), eval_prompts: int = 90):
+    """Each trainer on the same base, prompts and sample budget, its own metric evaluated every
+    `eval_every_samples` on the same held-out prompts and noise; writes efficiency.csv (one row
+    per trainer and evaluation: samples, metric, se, samples/s) and efficiency.png. Resumable."""
+    import pandas as pd
+
+    from . import adapters, models, viz
+
+    out = Path(out)
+    per_update = EFFICIENCY_SHARED["prompts_per_update"] * EFFICIENCY_SHARED["group_size"]
+    if samples < per_update or eval_every_samples < per_update:
+        raise ValueError(f"samples={samples} and eval_every_samples={eval_every_samples} must each be at least "
+                         f"one update ({per_update} samples)")
+    eval_fn = eval_fn_for(task, eval_prompts)
+    base = models.load_base("toy")
+    start = eval_fn(base)
+    rows = []
+    for name in trainers:
+        config_cls, train_fn = trainer_for(name)
+        cfg = config_cls.from_dict({**EFFICIENCY_SHARED, **EFFICIENCY_TRAINERS[name], **{
+            k: RECIPES[task][1][k] for k in ("rewards", "datasets")}, "adapter": f"{task}_{name}",
+            "updates": samples // per_update, "eval_every": eval_every_samples // per_update,
+            "checkpoint_every": eval_every_samples // per_update, "out_dir": str(out / name)})
+        model = train_fn(cfg, model=models.load_base("toy"), eval_fn=eval_fn)
+        adapters.delete(model, cfg.adapter)
+        metrics = viz.read_metrics(out / name)
+        seconds = metrics[["time/rollout", "time/label", "time/train"]].sum(axis=1).cumsum()
+        rows.append({"trainer": name, "samples": 0, "metric": start[task], "se": start[f"{task}_se"]})
+        for i, row in metrics.dropna(subset=[f"eval/{task}"]).iterrows():
+            rows.append({"trainer": name, "samples": int(row["step"]) * per_update, "metric": row[f"eval/{task}"],
+                         "se": row[f"eval/{task}_se"], "samples_per_s": row["step"] * per_update / seconds[i]})
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "efficiency.csv", index=False)
+    viz.plot_efficiency(table, f"{task}: own metric (CFG {EFFICIENCY_SHARED['cfg_scale']:g}, {eval_prompts} held-out "
+                        f"prompts, +- 1 s.e.)", path=out / "efficiency.png")
+    return table
 
 
 def ship(task: str, run_dir: str | Path, metrics: dict | None = None, destination: Path = ASSETS) -> Path:
@@ -99,6 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("-c", "--config", action="append", default=[], metavar="key=value",
                    help="override a config field (value read as YAML)")
     t.add_argument("--eval-prompts", type=int, default=90)
+    e = sub.add_parser("efficiency", help="Flow-GRPO vs DiffusionNFT vs AWM on one sample budget: curves + figure")
+    e.add_argument("task", choices=sorted(RECIPES))
+    e.add_argument("--samples", type=int, default=8192, help="rollout samples per trainer")
+    e.add_argument("--eval-every-samples", type=int, default=2048)
+    e.add_argument("--out", required=True)
+    e.add_argument("--trainers", nargs="+", default=list(EFFICIENCY_TRAINERS), choices=list(EFFICIENCY_TRAINERS))
+    e.add_argument("--eval-prompts", type=int, default=90)
     s = sub.add_parser("ship", help="copy a finished run's adapter into assets/teachers/<task>")
     s.add_argument("task", choices=sorted(RECIPES))
     s.add_argument("--run", required=True)
@@ -111,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"-c {item!r}: write overrides as key=value, e.g. -c lr=3e-4")
             overrides[key] = yaml.safe_load(value)
         train(args.task, args.out, overrides, args.eval_prompts)
+    elif args.command == "efficiency":
+        print(efficiency(args.task, args.samples, args.eval_every_samples, args.out, tuple(args.trainers),
+                         args.eval_prompts).to_string())
     else:
         print(ship(args.task, args.run))
 

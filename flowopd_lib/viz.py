@@ -82,3 +82,23 @@ def compare_runs(run_dirs: dict[str, str | Path], prefix: str, title: str = "", 
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_efficiency(table: pd.DataFrame, title: str = "", path=None):
+    """Learning curves against rollout samples with +-1 standard error, one line per trainer (the
+    legend gives its samples/s): `teachers.efficiency`'s table (trainer, samples, metric, se, samples_per_s)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, rows in table.groupby("trainer", sort=False):
+        rate = rows["samples_per_s"].dropna()
+        label = f"{name} ({rate.iloc[-1]:.0f} samples/s)" if len(rate) else name
+        ax.errorbar(rows["samples"], rows["metric"], yerr=rows["se"], marker="o", capsize=3, label=label)
+    ax.set_xlabel("rollout samples")
+    ax.set_ylabel("own metric")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -210,3 +210,21 @@ def test_update_on_tiny_sd3_with_guidance(tmp_path, trainer_cls, config_cls):
     after = adapters.state_dict(model, cfg.adapter)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert metrics["zero_spread_fraction"] == 0 and metrics["grad_norm"] > 0 and metrics["kl_ref"] >= 0
+
+
+def test_efficiency_run_writes_its_table_and_figure(tmp_path, monkeypatch):
+    """The side-by-side command on a tiny base, two updates per trainer (monkeypatched sizes)."""
+    from flowopd_lib import models, teachers
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(models, "load_base", lambda name="toy": tiny_model())
+    monkeypatch.setitem(teachers.EFFICIENCY_SHARED, "prompts_per_update", 2)
+    monkeypatch.setitem(teachers.EFFICIENCY_SHARED, "group_size", 2)
+    monkeypatch.setitem(teachers.EFFICIENCY_SHARED, "sde_steps", 2)
+    monkeypatch.setitem(teachers.EFFICIENCY_SHARED, "cfg_scale", 1.0)
+    monkeypatch.setattr(teachers, "PROTOCOL", {"cfg_scale": 1.0, "steps": 2, "seed": 0})
+    table = teachers.efficiency("ocr", samples=8, eval_every_samples=4, out=tmp_path, eval_prompts=4)
+    assert list(table["trainer"].unique()) == ["grpo", "nft", "awm"]
+    assert sorted(table[table.trainer == "nft"]["samples"]) == [0, 4, 8]
+    assert (table["se"] >= 0).all() and (table.dropna(subset=["samples_per_s"])["samples_per_s"] > 0).all()
+    assert (tmp_path / "efficiency.png").exists() and (tmp_path / "efficiency.csv").exists()
