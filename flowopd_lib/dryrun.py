@@ -1,6 +1,7 @@
 """Dry run of a full-scale run spec on CPU, with tiny stand-ins for everything outside the repo.
 
     python -m flowopd_lib.dryrun papermill_runs/sd35m.yaml            # 4-8 minutes on 2 cores
+    python -m flowopd_lib.dryrun papermill_runs/sd35m.yaml -p trainer=nft -p cfg_scale=1.0 --only teacher_ocr
 
 The spec runs through the same runner, notebooks, trainers and reward clients as on GPU nodes;
 only what a CPU box cannot have is replaced, offline:
@@ -65,15 +66,18 @@ def accelerate_config(directory: Path, num_processes: int) -> str:
     return str(path)
 
 
-def dry_run(spec_path: str | Path, num_processes: int = 2, outputs: Path = runs.OUTPUTS) -> Path:
-    """Run every stage of the spec with stand-ins and tiny budgets; returns the run directory."""
+def dry_run(spec_path: str | Path, num_processes: int = 2, outputs: Path = runs.OUTPUTS,
+            parameters: dict | None = None, only: list[str] | None = None) -> Path:
+    """Run every stage of the spec (or those in `only`) with stand-ins and tiny budgets, `parameters`
+    overriding the spec's as the runner's -p does (e.g. {"trainer": "nft"}); returns the run directory."""
     spec = runs.load_spec(spec_path)
     with tempfile.TemporaryDirectory(prefix="flowopd_dryrun_") as tmp, toy_reward_servers() as urls:
         tmp = Path(tmp)
         standins = build_standins(tmp)
         overrides = {**TINY_BUDGET, "base": standins["base"], "prompt_root": str(PROMPT_DIR),
                      "num_processes": num_processes,
-                     "accelerate_config": accelerate_config(tmp, num_processes) if num_processes > 1 else None}
+                     "accelerate_config": accelerate_config(tmp, num_processes) if num_processes > 1 else None,
+                     **(parameters or {})}
         environment = {GENEVAL_URL_ENV: urls["geneval"], DEQA_URL_ENV: urls["deqa"],
                        MODEL_ENV: standins["pickscore_model"], PROCESSOR_ENV: standins["pickscore_processor"]}
         with mock.patch.dict(os.environ, environment):  # inherited by the notebook kernels and their jobs
@@ -81,7 +85,8 @@ def dry_run(spec_path: str | Path, num_processes: int = 2, outputs: Path = runs.
             shutil.rmtree(outputs / f"{spec['name']}_dryrun", ignore_errors=True)  # fresh: no stage resumes
             outputs.mkdir(parents=True, exist_ok=True)
             dry_spec.write_text(yaml.safe_dump({**spec, "name": f"{spec['name']}_dryrun"}, sort_keys=False))
-            return runs.run(dry_spec, only=[s["name"] for s in spec["stages"]], overrides=overrides, outputs=outputs)
+            return runs.run(dry_spec, only=only or [s["name"] for s in spec["stages"]], overrides=overrides,
+                            outputs=outputs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,10 +94,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("spec", help="a full-scale run spec, e.g. papermill_runs/sd35m.yaml")
     parser.add_argument("--processes", type=int, default=2,
                         help="CPU processes per training stage (accelerate launch); 1 trains in the notebook")
+    parser.add_argument("-p", "--parameter", action="append", default=[], metavar="key=value",
+                        help="override a spec parameter as the runner's -p does (e.g. -p trainer=nft)")
+    parser.add_argument("--only", nargs="+", help="run only these stages (default: all)")
     args = parser.parse_args(argv)
+    parameters = {}
+    for item in args.parameter:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"-p {item!r}: write key=value, e.g. -p trainer=nft")
+        parameters[key] = yaml.safe_load(value)
     start = time.time()
     try:
-        run_dir = dry_run(args.spec, args.processes)
+        run_dir = dry_run(args.spec, args.processes, parameters=parameters, only=args.only)
     except runs.RunError as error:
         raise SystemExit(f"dry run failed: {error}") from None
     print(f"dry run of {args.spec} finished in {(time.time() - start) / 60:.1f} min; outputs in {run_dir}")

@@ -1,6 +1,8 @@
 """The CPU dry run of full-scale specs: its stand-ins (reward servers judging with the toy scorers,
 PickScore from local folders, a saved tiny SD3 pipeline), and the whole dry run of sd35m.yaml
 (slow: `make dryrun` runs it, and CI does)."""
+import json
+
 import pytest
 import torch
 
@@ -63,3 +65,14 @@ def test_dry_run_of_sd35m_completes(tmp_path):
     assert (run_dir / "teacher_geneval" / "adapter").is_dir()
     table = (run_dir / "summary" / "main_table.md").read_text()
     assert "Flow-OPD (merge init)" in table
+
+
+@pytest.mark.parametrize("trainer,stage", [("nft", "teacher_ocr"), ("awm", "teacher_geneval")])
+def test_sd35m_teacher_stages_run_with_the_forward_process_trainers(tmp_path, trainer, stage):
+    """-p trainer=nft|awm picks the stage's official settings (trainer_extra) on the SD3 wrapper."""
+    run_dir = dryrun.dry_run("papermill_runs/sd35m.yaml", num_processes=1, outputs=tmp_path, only=[stage],
+                             parameters={"trainer": trainer, "cfg_scale": 1.0, "eval_cfg": 1.0})
+    adapter = json.loads((run_dir / stage / "adapter" / "adapter.json").read_text())
+    extra = {"nft": {"teacher_ocr": {"nft_beta": 0.1, "old_decay_start": 75, "minibatches": 2}},
+             "awm": {"teacher_geneval": {"train_timesteps": 6, "beta": 1e-3}}}[trainer][stage]
+    assert {k: adapter["config"][k] for k in extra} == extra and adapter["config"]["cfg_scale"] == 1.0
