@@ -1,0 +1,44 @@
+"""The toy teacher recipes: configs build for every task, the cold start on renders, shipping."""
+import json
+
+import pytest
+import torch
+
+from flowopd_lib import adapters, models, teachers
+
+
+@pytest.mark.parametrize("task", sorted(teachers.RECIPES))
+def test_every_recipe_builds_a_valid_config(task, tmp_path):
+    cfg = teachers.recipe_config(task, str(tmp_path), {"updates": 3})
+    assert cfg.adapter == task and cfg.updates == 3 and cfg.cfg_scale == teachers.PROTOCOL["cfg_scale"]
+    with pytest.raises(SystemExit, match="recipes exist for"):
+        teachers.recipe_config("nope", str(tmp_path))
+
+
+def test_cold_start_on_renders_fits_a_lora_and_is_kept_once_done(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    directory = teachers.sft_on_renders("ocr", tmp_path / "sft", steps=3, batch=4, lr=1e-2)
+    info = adapters.metadata(directory)
+    assert info["sft_on_renders"]["steps"] == 3
+    model = models.load_base("toy")
+    adapters.load(model, directory, "ocr")
+    x, embeds = torch.randn(2, *model.latent_shape), model.encode_prompts(['a sign that says "AB"', ""])
+    with torch.no_grad():
+        plain = adapters.view(model, None).velocity(x, torch.tensor(0.5), embeds)
+        tuned = adapters.view(model, "ocr").velocity(x, torch.tensor(0.5), embeds)
+    assert not torch.allclose(plain, tuned)
+    stamp = (directory / adapters.WEIGHT_NAME).stat().st_mtime_ns
+    assert teachers.sft_on_renders("ocr", tmp_path / "sft", steps=3, batch=4) == directory
+    assert (directory / adapters.WEIGHT_NAME).stat().st_mtime_ns == stamp  # not retrained
+
+
+def test_ship_writes_the_protocol_and_command(tmp_path):
+    run = tmp_path / "run"
+    model = models.load_base("toy")
+    adapters.add(model, "ocr", rank=2)
+    adapters.save(model, "ocr", run / "adapter", {"updates": 5})
+    target = teachers.ship("ocr", run, metrics={"ocr": 0.5}, destination=tmp_path / "assets")
+    info = json.loads((target / "adapter.json").read_text())
+    assert info["protocol"] == teachers.PROTOCOL and info["trainer"] == teachers.RECIPES["ocr"][0]
+    assert info["command"].startswith("python -m flowopd_lib.teachers train ocr") and info["metrics"] == {"ocr": 0.5}
+    adapters.load(models.load_base("toy"), target, "ocr")  # loads as a diffusers LoRA
