@@ -173,6 +173,21 @@ def efficiency(task: str, samples: int, eval_every_samples: int, out: str | Path
     return table
 
 
+def measure(task: str, adapter_dir: str | Path, n_prompts: int = 90, samples_per_prompt: int = 4) -> dict:
+    """A teacher against the base on every task under PROTOCOL (the same prompts and noise): each
+    model's metrics with standard errors, and teacher minus base with a paired bootstrap 95% interval."""
+    from . import adapters, models
+
+    model = models.load_base("toy")
+    adapters.load(model, adapter_dir, task)
+    scores = evaluation.sample_scores({"base": adapters.view(model, None), task: adapters.view(model, task)},
+                                      n_prompts=n_prompts, samples_per_prompt=samples_per_prompt, **PROTOCOL)
+    table, change = evaluation.summarise(scores), evaluation.compare(scores, task, "base")
+    return {"protocol": {**PROTOCOL, "n_prompts": n_prompts, "samples_per_prompt": samples_per_prompt},
+            "base": table.loc["base"].to_dict(), "teacher": table.loc[task].to_dict(),
+            "change": change.to_dict("index")}
+
+
 def ship(task: str, run_dir: str | Path, metrics: dict | None = None, destination: Path = ASSETS) -> Path:
     """Copy a finished run's adapter to assets/teachers/<task>/ with the recipe, protocol and command."""
     run_dir = Path(run_dir)
@@ -204,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--out", required=True)
     e.add_argument("--trainers", nargs="+", default=list(EFFICIENCY_TRAINERS), choices=list(EFFICIENCY_TRAINERS))
     e.add_argument("--eval-prompts", type=int, default=90)
-    s = sub.add_parser("ship", help="copy a finished run's adapter into assets/teachers/<task>")
+    s = sub.add_parser("ship", help="measure a finished run's adapter against the base on every task and copy "
+                                    "it into assets/teachers/<task> with its metrics")
     s.add_argument("task", choices=sorted(RECIPES))
     s.add_argument("--run", required=True)
     args = parser.parse_args(argv)
@@ -220,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         print(efficiency(args.task, args.samples, args.eval_every_samples, args.out, tuple(args.trainers),
                          args.eval_prompts).to_string())
     else:
-        print(ship(args.task, args.run))
+        metrics = measure(args.task, Path(args.run) / "adapter")
+        print(json.dumps(metrics, indent=1))
+        print(ship(args.task, args.run, metrics))
 
 
 if __name__ == "__main__":

@@ -42,3 +42,16 @@ def test_ship_writes_the_protocol_and_command(tmp_path):
     assert info["protocol"] == teachers.PROTOCOL and info["trainer"] == teachers.RECIPES["ocr"][0]
     assert info["command"].startswith("python -m flowopd_lib.teachers train ocr") and info["metrics"] == {"ocr": 0.5}
     adapters.load(models.load_base("toy"), target, "ocr")  # loads as a diffusers LoRA
+
+
+def test_measure_gives_each_metric_with_its_error_and_the_paired_change(tmp_path, monkeypatch):
+    model = models.load_base("toy")
+    adapters.add(model, "ocr", rank=2)
+    directory = adapters.save(model, "ocr", tmp_path / "adapter")  # a zero LoRA: the base itself
+    monkeypatch.setattr(teachers, "PROTOCOL", {"cfg_scale": 1.0, "steps": 2, "seed": 0})
+    result = teachers.measure("ocr", directory, n_prompts=4, samples_per_prompt=2)
+    for metric in ("geneval", "ocr", "pickscore", "pickscore_true", "deqa"):
+        assert result["teacher"][metric] == pytest.approx(result["base"][metric], abs=1e-6)
+        assert result["change"][metric]["low"] <= 0 <= result["change"][metric]["high"]
+        assert f"{metric}_se" in result["base"]
+    assert result["protocol"]["samples_per_prompt"] == 2
