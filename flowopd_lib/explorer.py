@@ -111,7 +111,7 @@ def _check(mode: str, noise_level: float) -> None:
 
 @torch.no_grad()
 def trace(model: FlowModel, prompt, adapter: str | None = None, seed: int = 0, steps: int = 10, mode: str = "sde",
-          noise_level: float = 0.7, cfg_scale: float = 1.0, teacher: str | None = None, anchor: str | None = None,
+          noise_level: float = flow.NOISE_LEVEL, cfg_scale: float = 1.0, teacher: str | None = None, anchor: str | None = None,
           shift: float = 1.0) -> Trace:
     """Sample one trajectory from `adapter` (None = the base) and compute, at its states, the
     teacher's and the anchor's velocities (teacher None = the prompt's routed teacher).
@@ -177,7 +177,7 @@ class Group:
 
 @torch.no_grad()
 def group(model: FlowModel, prompt: toy.Prompt, adapter: str | None = None, G: int = 8, seed: int = 0,
-          steps: int = 10, noise_level: float = 0.7, cfg_scale: float = 1.0, rewards: dict | None = None,
+          steps: int = 10, noise_level: float = flow.NOISE_LEVEL, cfg_scale: float = 1.0, rewards: dict | None = None,
           teacher: str | None = None, shift: float = 1.0) -> Group:
     """G SDE samples (seeds seed .. seed + G - 1; sample 0 is `trace(..., seed=seed)`), their rewards
     (default: the reward named like the prompt's task) and per-step KLs to the (routed) teacher."""
@@ -402,7 +402,7 @@ class Explorer:
     expression (or `display(explorer.widget)`)."""
 
     def __init__(self, model: FlowModel, prompts: list | None = None, steps: int = 10, seed: int = 0,
-                 mode: str = "sde", noise_level: float = 0.7, cfg_scale: float = 1.0, prompts_per_task: int = 4,
+                 mode: str = "sde", noise_level: float = flow.NOISE_LEVEL, cfg_scale: float = 1.0, prompts_per_task: int = 4,
                  size: int = 128):
         import ipywidgets as widgets
 

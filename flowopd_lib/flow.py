@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 Sigma = float | torch.Tensor  # a scalar, a 0-d tensor, or one value per sample [B]
+NOISE_LEVEL = 0.7  # Flow-GRPO's SDE noise level a: the default of every sampler, trainer and explorer
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -95,7 +96,7 @@ class SDEStep:
 
 
 def sde_mean_std(v: torch.Tensor, x: torch.Tensor, sigma: Sigma, sigma_next: Sigma,
-                 noise_level: float = 0.7) -> tuple[torch.Tensor, torch.Tensor]:
+                 noise_level: float = NOISE_LEVEL) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the Gaussian step policy (float32)."""
     s, s_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
     dt = s_next - s
@@ -119,7 +120,7 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     raise ValueError(f"reduce={reduce!r}: use 'mean' (Flow-GRPO) or 'sum' (exact)")
 
 
-def sde_step(v: torch.Tensor, x: torch.Tensor, sigma: Sigma, sigma_next: Sigma, noise_level: float = 0.7,
+def sde_step(v: torch.Tensor, x: torch.Tensor, sigma: Sigma, sigma_next: Sigma, noise_level: float = NOISE_LEVEL,
              noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None,
              generator: torch.Generator | None = None, reduce: str = "mean") -> SDEStep:
     """Flow-GRPO's SDE step. Draws `prev_sample = mean + std * noise` (noise from `generator` when not
@@ -139,7 +140,7 @@ def sde_step(v: torch.Tensor, x: torch.Tensor, sigma: Sigma, sigma_next: Sigma, 
 
 # ----------------------------------------------------------------------------- KL between step policies
 
-def kl_weight(sigma: Sigma, sigma_next: Sigma, noise_level: float = 0.7) -> torch.Tensor:
+def kl_weight(sigma: Sigma, sigma_next: Sigma, noise_level: float = NOISE_LEVEL) -> torch.Tensor:
     """`w(s)` such that KL(N(mu_a, std^2) || N(mu_b, std^2)) = w(s) ||v_a - v_b||^2 (sum over dims).
 
     Returns a tensor shaped like sigma (scalar or [B])."""
@@ -151,7 +152,7 @@ def kl_weight(sigma: Sigma, sigma_next: Sigma, noise_level: float = 0.7) -> torc
 
 
 def step_kl(v_a: torch.Tensor, v_b: torch.Tensor, x: torch.Tensor, sigma: Sigma, sigma_next: Sigma,
-            noise_level: float = 0.7) -> torch.Tensor:
+            noise_level: float = NOISE_LEVEL) -> torch.Tensor:
     """Exact KL [B] between the SDE step Gaussians of two velocities at the same state x.
 
     Both steps share x and the std, so the KL depends on x only through v_a, v_b (x fixes the

@@ -162,7 +162,7 @@ def sample_noise(model: FlowModel, seeds: list[int], steps: int,
 
 @torch.no_grad()
 def sample_trajectories(model: FlowModel, prompts: list, seeds: list[int], steps: int = 10,
-                        noise_level: float = 0.7, cfg_scale: float = 1.0, shift: float = 1.0,
+                        noise_level: float = flow.NOISE_LEVEL, cfg_scale: float = 1.0, shift: float = 1.0,
                         decode: bool = True, initial_seeds: list[int] | None = None,
                         sde_until: int | None = None) -> Trajectories:
     """Sample one SDE trajectory per (prompt, seed) from the model's current policy (its active

@@ -23,7 +23,7 @@ class SanityConfig(Config):
     lr: float = param(2e-3, "Adam learning rate", range=(0, 1))
     hidden: int = param(256, "MLP width", range=(8, 4096))
     sample_steps: int = param(40, "sampling steps", range=(1, 1000))
-    noise_level: float = param(0.7, "SDE noise level a", range=(0, 2))
+    noise_level: float = param(flow.NOISE_LEVEL, "SDE noise level a", range=(0, 2))
     seed: int = param(0, "the run's seed")
     out_dir: str = param("runs/sanity", "run directory")
 
