@@ -1,6 +1,6 @@
 """Stage 1: the student's cold start, by merging the teacher adapters or by SFT on their samples.
 
-METHOD.md section 4. Merges (`merge`), per LoRA layer, with teacher k's delta `s_k B_k A_k`:
+docs/method.md section 4. Merges (`merge`), per LoRA layer, with teacher k's delta `s_k B_k A_k`:
 
     delta      exact weighted sum of the deltas (default; weights 1/K = the average): the merged
                LoRA concatenates the factors, rank = sum of the ranks, so nothing is approximated

@@ -1,6 +1,6 @@
 """The shared evaluation protocol: one table row per model, one column per metric.
 
-Protocol (METHOD.md section 8, in miniature): test prompts of each task, ODE sampling with fixed
+Protocol (the paper's, in miniature: docs/toy_world.md): test prompts of each task, ODE sampling with fixed
 steps, CFG and seeds (every model starts from the same noise), each task judged by its reward:
 
     geneval          strict GenEval accuracy on geneval prompts (+ geneval/<tag> per category)

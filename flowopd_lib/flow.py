@@ -1,7 +1,7 @@
 """Rectified-flow maths: schedules, ODE/SDE steps, step log-probs, per-step KL, CFG, FM loss.
 
 Pure functions on tensors, no models: everything else (rollouts, GRPO, OPD) is built on these.
-Conventions (METHOD.md sections 1-2): `x_s = (1 - s) x_0 + s x_1`, x_0 data, x_1 ~ N(0, I),
+Conventions (docs/method.md sections 1-2): `x_s = (1 - s) x_0 + s x_1`, x_0 data, x_1 ~ N(0, I),
 velocity `v = x_1 - x_0`; sampling runs s = 1 -> 0, so `dt = sigma_next - sigma < 0`.
 The SDE step is Flow-GRPO's Euler-Maruyama step of the marginal-preserving SDE
 
