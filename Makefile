@@ -28,7 +28,8 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -m ""
 
-# papermill_runs/sd35m.yaml end to end on CPU with tiny stand-ins (flowopd_lib/dryrun.py), 4-8 min.
+# papermill_runs/sd35m.yaml end to end on CPU with tiny stand-ins (flowopd_lib/dryrun.py), 4-8 min;
+# each training stage runs as 2 CPU ranks (torch.distributed.run + gloo: see train.launch).
 dryrun: setup
 	$(PY) -m flowopd_lib.dryrun papermill_runs/sd35m.yaml
 

@@ -4,7 +4,7 @@ Every trained model in the study is a peft LoRA adapter on the base's `SD3Transf
 attached through diffusers' own adapter API, so one base in memory serves many adapters and the
 saved files are the format diffusers pipelines load (`load_lora_adapter` / `load_lora_weights`).
 
-    adapters.add(model, "geneval", rank=8)        # new trainable adapter (made active)
+    adapters.add(model, "geneval", rank=8, seed=0)  # new trainable adapter (made active), init from (seed, name)
     with adapters.active(model, "ocr"): ...        # forward through one adapter
     with adapters.active(model, None): ...         # the base: all adapters off (GRPO's reference)
     with adapters.mixed(model, ["ocr", "geneval", None, ...]): ...  # each sample its own adapter
@@ -15,11 +15,14 @@ saved files are the format diffusers pipelines load (`load_lora_adapter` / `load
 from __future__ import annotations
 
 import json
+import math
 import warnings
+import zlib
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
@@ -42,9 +45,13 @@ def _check(model, name: str) -> None:
 
 
 def add(model, name: str, rank: int = 8, alpha: float | None = None, targets=LORA_TARGETS,
-        gaussian_init: bool = True) -> list[torch.nn.Parameter]:
+        gaussian_init: bool = True, seed: int | None = None) -> list[torch.nn.Parameter]:
     """Attach a new LoRA adapter (zero delta at start unless `gaussian_init=False`) and make it the
-    active one; returns its trainable parameters."""
+    active one; returns its trainable parameters.
+
+    With `seed`, the initial weights derive from (seed, name) alone and the global torch RNG is left
+    as it was: two runs of one config, and every rank of a multi-process run, start from the same
+    adapter. Without it peft draws them from the global RNG (whatever state it happens to be in)."""
     from peft import LoraConfig
 
     if name in names(model):
@@ -53,17 +60,64 @@ def add(model, name: str, rank: int = 8, alpha: float | None = None, targets=LOR
         raise ValueError(f"{BASE!r} is reserved for the base model")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
                         init_lora_weights="gaussian" if gaussian_init else False)
-    with warnings.catch_warnings():  # peft warns that the model already has adapters: that is the design
+    with warnings.catch_warnings(), _global_rng_kept(seed is not None):
+        # peft warns that the model already has adapters: that is the design
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         model.transformer.add_adapter(config, adapter_name=name)
     model.transformer.set_adapter(name)
+    if seed is not None:
+        seeded_init(model, name, seed, gaussian_init)
     return parameters(model, name, trainable=True)
+
+
+@contextmanager
+def _global_rng_kept(keep: bool):
+    """Restore the global torch RNGs afterwards (peft's layer construction draws from them)."""
+    if not keep:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def seeded_init(model, name: str, seed: int, gaussian: bool = True) -> None:
+    """Re-draw adapter `name`'s initial weights from generators seeded by (seed, parameter name).
+
+    gaussian: peft's init_lora_weights="gaussian" (lora_A ~ N(0, 1/r), lora_B = 0, a zero delta);
+    otherwise nn.Linear's default kaiming-uniform for both (a random delta, peft's init=False).
+    Drawn on the CPU and copied, so a GPU run starts from the same weights as a CPU run."""
+    rank = model.transformer.peft_config[name].r
+    with torch.no_grad():
+        for pname, p in model.transformer.named_parameters():
+            if f".{name}." not in pname or "lora_" not in pname:
+                continue
+            g = torch.Generator().manual_seed(_param_seed(seed, pname))
+            value = torch.empty(p.shape, dtype=torch.float32)
+            if not gaussian:
+                torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=g)
+            elif "lora_A" in pname:
+                torch.nn.init.normal_(value, std=1 / rank, generator=g)
+            else:
+                value.zero_()
+            p.copy_(value)
+
+
+def _param_seed(seed: int, pname: str) -> int:
+    """A 63-bit seed from the run's seed and the parameter's name (which contains the adapter's)."""
+    state = np.random.SeedSequence([seed % 2 ** 64, zlib.crc32(pname.encode())]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def named_parameters(model, name: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """(parameter name, parameter) of one adapter's LoRA weights, in a fixed order."""
+    _check(model, name)
+    return [(n, p) for n, p in model.transformer.named_parameters() if f".{name}." in n and "lora_" in n]
 
 
 def parameters(model, name: str, trainable: bool | None = None) -> list[torch.nn.Parameter]:
     """The LoRA parameters of one adapter, in a fixed order; optionally set requires_grad."""
-    _check(model, name)
-    params = [p for n, p in model.transformer.named_parameters() if f".{name}." in n and "lora_" in n]
+    params = [p for _, p in named_parameters(model, name)]
     if trainable is not None:
         for p in params:
             p.requires_grad_(trainable)

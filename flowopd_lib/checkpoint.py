@@ -2,17 +2,24 @@
 
 One file per checkpoint (`state.pt`: module and optimizer states, EMA, step, RNG states,
 anything else the trainer adds), written atomically so a kill mid-write never leaves a
-half-written checkpoint behind; `latest()` finds the newest one.
+half-written checkpoint behind; `latest()` finds the newest one. A file can still be damaged
+afterwards (a full disk, a bad copy): `load_latest()` warns about an unreadable newest checkpoint,
+naming it, and falls back to the previous complete one (`save` keeps two for that reason).
 """
 from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+
+class CheckpointError(RuntimeError):
+    """No complete checkpoint to resume from although checkpoints exist (the message names them)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,3 +59,33 @@ def load(path: str | Path, restore_rng: bool = True) -> dict[str, Any]:
     if restore_rng:
         set_rng_state(state["rng"])
     return state
+
+
+def load_latest(directory: str | Path, restore_rng: bool = True,
+                required: tuple[str, ...] = ("step",)) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest checkpoint under `directory` that loads and has the `required`
+    keys; None if there is no checkpoint at all.
+
+    An unreadable one (truncated, garbage, not a checkpoint) is reported by path in a warning and
+    the one before it is tried; if checkpoints exist but none loads, CheckpointError names them all."""
+    found = sorted((p for p in Path(directory).glob("step_*") if (p / "state.pt").exists()), reverse=True)
+    failures = []
+    for path in found:
+        try:
+            state = load(path, restore_rng=False)
+            missing = [k for k in required if k not in state] if isinstance(state, dict) else list(required)
+            if missing:
+                raise ValueError(f"not a complete checkpoint: no {missing}")
+        except Exception as error:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ...
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            failures.append(f"{path / 'state.pt'} ({type(error).__name__}: {first_line})")
+            warnings.warn(f"unreadable checkpoint {failures[-1]}; trying the one before it", stacklevel=2)
+            continue
+        if restore_rng:
+            set_rng_state(state["rng"])
+        return path, state
+    if failures:
+        raise CheckpointError(f"no complete checkpoint in {directory}: " + "; ".join(failures) +
+                              f". Restore one of these files, or delete {directory} (or the whole run "
+                              "directory) to start fresh")
+    return None

@@ -163,7 +163,7 @@ def train_sft(cfg: SFTConfig, model: FlowModel) -> FlowModel:
     t0 = time.time()
     texts, x0 = teacher_samples(model, cfg)
     sampling_s = time.time() - t0
-    params = adapters.add(model, cfg.adapter, rank=cfg.lora_rank, alpha=float(cfg.lora_rank))
+    params = adapters.add(model, cfg.adapter, rank=cfg.lora_rank, alpha=float(cfg.lora_rank), seed=cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(cfg.seed)
     with Run(cfg.out_dir, cfg) as run, adapters.active(model, cfg.adapter):

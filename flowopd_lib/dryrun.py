@@ -11,8 +11,12 @@ only what a CPU box cannot have is replaced, offline:
     GenEval / DeQA reward servers      loopback servers speaking Flow-GRPO's protocol, judging with
                                        the toy scorers (FLOWOPD_GENEVAL_URL / FLOWOPD_DEQA_URL)
     Flow-GRPO's dataset/ folder        the toy world's prompt files (the same formats)
-    8 GPUs, the paper's budgets        2 CPU processes through `accelerate launch`, 2 updates of
-                                       2 prompts x 2 samples, 3 SDE steps, 2 test prompts per task
+    8 GPUs, the paper's budgets        2 CPU ranks (gloo) started by torch.distributed.run, 2 updates
+                                       of 2 prompts x 2 samples, 3 SDE steps, 2 test prompts per task
+
+The CPU ranks: `train.launch` sees the MULTI_CPU accelerate config written here and starts the
+ranks with torch.distributed.run and ACCELERATE_USE_CPU=true; `accelerate launch` itself (1.x)
+would start ONE process for a CPU config, so the stages would not really run distributed.
 
 `rapidocr` is the real engine (its models ship in the wheel). What this checks is that every
 stage of the spec starts, trains, saves, hands its adapters on and evaluates; the numbers it
@@ -61,6 +65,7 @@ def build_standins(directory: Path) -> dict[str, str]:
 
 
 def accelerate_config(directory: Path, num_processes: int) -> str:
+    """An accelerate config file marking the stages' processes as CPU ranks (train.launch reads it)."""
     path = directory / "accelerate_cpu.yaml"
     path.write_text(yaml.safe_dump({**CPU_ACCELERATE_CONFIG, "num_processes": num_processes}))
     return str(path)
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="a full-scale run spec, e.g. papermill_runs/sd35m.yaml")
     parser.add_argument("--processes", type=int, default=2,
-                        help="CPU processes per training stage (accelerate launch); 1 trains in the notebook")
+                        help="CPU ranks per training stage (torch.distributed.run); 1 trains in the notebook")
     parser.add_argument("-p", "--parameter", action="append", default=[], metavar="key=value",
                         help="override a spec parameter as the runner's -p does (e.g. -p trainer=nft)")
     parser.add_argument("--only", nargs="+", help="run only these stages (default: all)")

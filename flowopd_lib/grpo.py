@@ -1,6 +1,6 @@
 """Stage 0: Flow-GRPO teachers (one reward each) and the GRPO-Mix baseline (several rewards).
 
-METHOD.md section 3. Per update: G SDE trajectories per prompt, a terminal reward per trajectory
+docs/method.md section 3. Per update: G SDE trajectories per prompt, a terminal reward per trajectory
 (weighted sum of the named rewards that can judge the prompt's task), group-normalised advantages
 (groups without spread carry no signal and are dropped), then a PPO-clipped surrogate on each
 trained step's likelihood ratio plus beta * KL to the reference (the base: adapters disabled).
@@ -21,7 +21,7 @@ import torch
 from . import adapters, flow, rewards, rollout
 from .config import ConfigError, param
 from .models.base import FlowModel
-from .trainer import OnPolicyConfig, OnPolicyTrainer
+from .trainer import NonFiniteError, OnPolicyConfig, OnPolicyTrainer, describe_sample
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -59,25 +59,42 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     return torch.maximum(unclipped, clipped), ((ratio - 1).abs() > clip_range).float(), 0.5 * log_ratio.detach() ** 2
 
 
+@dataclasses.dataclass
+class RewardValues:
+    """One reward's values on a batch: `values` [B] (0 where it does not judge the sample) and
+    `judged` [B] bool. 'Not judged' is this mask, never a NaN: a NaN is a reward's (bad) value."""
+    values: torch.Tensor
+    judged: torch.Tensor
+
+    def mean(self) -> float:
+        """Mean over the judged samples (NaN when none is judged: a metric, not a training value)."""
+        return self.values[self.judged].float().mean().item() if self.judged.any() else float("nan")
+
+    @staticmethod
+    def cat(parts: list["RewardValues"]) -> "RewardValues":
+        return RewardValues(torch.cat([p.values for p in parts]), torch.cat([p.judged for p in parts]))
+
+
 def combined_rewards(images: torch.Tensor, prompts: list, weights: dict[str, float],
-                     task_rewards: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     task_rewards: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, RewardValues]]:
     """Total reward [B] = sum of weight * reward over the rewards that judge each prompt's task
     (with `task_rewards`, a map task -> reward name, only the prompt's own task's reward), and each
-    reward's values [B] (NaN where it does not judge the prompt)."""
+    reward's values and judged mask. Values are passed on as the rewards return them (a NaN stays a
+    NaN in the total: the trainer stops on it, naming the reward)."""
     total = torch.zeros(len(prompts))
     per_name = {}
     for name, weight in weights.items():
-        values = torch.full((len(prompts),), float("nan"))
+        values, judged = torch.zeros(len(prompts)), torch.zeros(len(prompts), dtype=torch.bool)
         index = [i for i, p in enumerate(prompts)
                  if (task_rewards.get(p.task) == name if task_rewards else rewards.judges(name, p.task))]
         if index:
             scored = rewards.score(name, images[index], [prompts[i] for i in index])["reward"].float().cpu()
-            values[index] = scored
+            values[index], judged[index] = scored, True
             total[index] += weight * scored
-        per_name[name] = values
-    judged = torch.stack([~v.isnan() for v in per_name.values()]).any(dim=0)
-    if not judged.all():
-        task = prompts[int((~judged).nonzero()[0])].task
+        per_name[name] = RewardValues(values, judged)
+    judged_any = torch.stack([r.judged for r in per_name.values()]).any(dim=0)
+    if not judged_any.all():
+        task = prompts[int((~judged_any).nonzero()[0])].task
         raise ValueError(f"no reward in {list(weights)} judges prompts of task {task!r}; add one that does")
     return total, per_name
 
@@ -125,7 +142,7 @@ class GRPOTrainer(OnPolicyTrainer):
     def sampled(self, part: rollout.Trajectories) -> None:
         self.pending.append(self.reward_worker.submit(self.score, part))
 
-    def rewards_of(self, traj: rollout.Trajectories) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def rewards_of(self, traj: rollout.Trajectories) -> tuple[torch.Tensor, dict[str, RewardValues]]:
         """Rewards [B] of `traj`: the sub-batches scored on the worker thread while `rollout`
         sampled it, in order (or scored now, for trajectories that did not come from `rollout`)."""
         if not self.pending:
@@ -134,30 +151,56 @@ class GRPOTrainer(OnPolicyTrainer):
         total = torch.cat([t for t, _ in results])
         if len(total) != len(traj):
             raise RuntimeError(f"{len(total)} scored samples for a rollout of {len(traj)}: label() must follow rollout()")
-        return total, {name: torch.cat([per_name[name] for _, per_name in results]) for name in results[0][1]}
+        return total, {name: RewardValues.cat([per_name[name] for _, per_name in results]) for name in results[0][1]}
 
     def label(self, traj: rollout.Trajectories, update: int):
-        labels, metrics = self.reward_labels(traj)
+        labels, metrics = self.reward_labels(traj, update)
         if self.cfg.beta > 0:
             labels["v_ref"] = self.reference_velocities(traj)
         return labels, metrics
 
-    def reward_labels(self, traj) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def reward_labels(self, traj, update: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Group advantages [B] and keep weights [B] of the local samples, and reward metrics
-        (shared by every reward-driven trainer: GRPO here, DiffusionNFT and AWM in forward_rl.py)."""
+        (shared by every reward-driven trainer: GRPO here, DiffusionNFT and AWM in forward_rl.py).
+        A non-finite reward raises NonFiniteError (trainer.py) naming the reward and the prompt."""
         cfg, acc = self.cfg, self.acc
         total, per_name = self.rewards_of(traj)
-        all_rewards = acc.gather(total.to(acc.device)) if acc.num_processes > 1 else total
+        all_rewards = self.gathered(total)
+        per_name = {name: RewardValues(self.gathered(r.values), self.gathered(r.judged.to(torch.uint8)).bool())
+                    for name, r in per_name.items()}
+        self.check_rewards(traj, all_rewards, per_name, update)
         adv, keep = group_advantages(all_rewards.cpu(), cfg.group_size, cfg.std_mode, cfg.advantage_clip)
         block = self.local_block(len(all_rewards))
         labels = {"advantage": adv[block].to(acc.device), "weight": keep[block].float().to(acc.device)}
         metrics = {"reward": all_rewards.float().mean().item(), "reward_std": all_rewards.float().std().item(),
                    "zero_spread_fraction": 1 - keep.float().mean().item(),
                    "advantage_abs": adv[keep].abs().mean().item() if keep.any() else 0.0}
-        for name, values in per_name.items():
-            gathered = acc.gather(values.to(acc.device)).cpu() if acc.num_processes > 1 else values
-            metrics[f"reward/{name}"] = gathered[~gathered.isnan()].mean().item()
+        metrics.update({f"reward/{name}": r.mean() for name, r in per_name.items()})
         return labels, metrics
+
+    def gathered(self, local: torch.Tensor) -> torch.Tensor:
+        """Every process's [B] values, in process order, on the CPU (the local ones alone on one)."""
+        acc = self.acc
+        return acc.gather(local.to(acc.device)).cpu() if acc.num_processes > 1 else local.cpu()
+
+    def check_rewards(self, traj, total: torch.Tensor, per_name: dict[str, RewardValues], update: int | None) -> None:
+        """Stop before any training on a NaN or inf reward of a judged sample (all processes hold the
+        gathered rewards, so all decide alike). Naming the prompt needs the other processes' prompts."""
+        named = [(f"reward {name!r}", r.values, r.judged & ~torch.isfinite(r.values)) for name, r in per_name.items()]
+        named.append(("the weighted total reward", total, ~torch.isfinite(total)))  # e.g. an overflowing sum
+        found = next(((what, values, bad) for what, values, bad in named if bad.any()), None)
+        if found is None:
+            return
+        what, values, bad = found
+        i = int(bad.nonzero()[0])
+        prompts = list(traj.prompts)
+        if self.acc.num_processes > 1:  # every process gets here (same gathered rewards): a safe collective
+            from accelerate.utils import gather_object
+            prompts = gather_object(prompts)
+        value = values[i].item()
+        raise NonFiniteError(f"{what} is {value} for sample {i} of the update, {describe_sample(prompts[i])}, "
+                             f"at {self.where(update)}; a reward must return finite values for every prompt "
+                             "it judges")
 
     @torch.no_grad()
     def reference_velocities(self, traj: rollout.Trajectories) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Stage 2: multi-teacher on-policy distillation (Flow-OPD) with Manifold Anchor Regularization.
 
-METHOD.md section 5. Per update the student samples G SDE trajectories per prompt from its own
+docs/method.md section 5. Per update the student samples G SDE trajectories per prompt from its own
 policy; each prompt is routed by its task label to one teacher adapter; the teachers' (and the
 anchor's) velocities at the student's stored states are computed once, without gradient, in
 mixed-adapter batches; then one of these objectives is minimised on the trained steps:

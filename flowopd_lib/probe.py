@@ -6,7 +6,7 @@ Two diagnostic rewards join the registry when this module is imported:
     probe_colour_area  the area in the colour a GenEval prompt names (0 for prompts without one):
                        prompt-conditional, but no shapes, counts or positions
 
-and four experiments (the README's GRPO diagnosis and probe-distillation tables come from these):
+and four experiments (the GRPO diagnosis and probe distillation of docs/findings.md come from these):
 
     python -m flowopd_lib.probe train probe_redness --updates 21 -c lr=0.01 -c minibatches=1 -c beta=0
     python -m flowopd_lib.probe train geneval --updates 20 -c lr=0.01 -c minibatches=1 -c beta=0

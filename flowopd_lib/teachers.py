@@ -90,7 +90,7 @@ def sft_on_renders(task: str, out_dir: str | Path, steps: int, batch: int = 64, 
     if (directory / adapters.WEIGHT_NAME).exists():
         return directory
     model = models.load_base("toy")
-    params = adapters.add(model, task, rank=lora_rank, alpha=float(lora_rank))
+    params = adapters.add(model, task, rank=lora_rank, alpha=float(lora_rank), seed=seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     g, t0 = torch.Generator().manual_seed(seed), time.time()
     config = {"task": task, "steps": steps, "batch": batch, "lr": lr, "lora_rank": lora_rank, "seed": seed}

@@ -1,7 +1,8 @@
-"""Command-line entry of the trainers, for `accelerate launch` on one or many GPUs (or CPU processes).
+"""Command-line entry of the trainers, for `accelerate launch` on one or many GPUs (or CPU ranks).
 
     python -m flowopd_lib.train grpo run.yaml [key=value ...]
     accelerate launch --config_file papermill_runs/accelerate/multi_gpu.yaml -m flowopd_lib.train opd run.yaml
+    ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m flowopd_lib.train opd run.yaml  # CPU ranks
 
 The YAML holds the stage's config fields (`GRPOConfig` / `OPDConfig`; see `--help-config`);
 `key=value` pairs override them (values read as YAML). Notebooks call this through
@@ -11,6 +12,7 @@ laptop and as a distributed job on a node.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,20 +67,51 @@ def parse_override(parser: argparse.ArgumentParser, item: str) -> tuple[str, obj
     return key.strip(), yaml.safe_load(value)
 
 
+CPU_RANKS_ENV = {"ACCELERATE_USE_CPU": "true"}  # makes each rank's Accelerator join the gloo world
+
+
 def launch(stage: str, config, num_processes: int = 1, accelerate_config: str | None = None) -> None:
-    """Run a stage's training in fresh processes through `accelerate launch` (blocking); the config
-    is written next to its outputs. One process without a config file runs plain `python -m`."""
+    """Run a stage's training in fresh processes (blocking); the config is written next to its
+    outputs. One process without a config file runs plain `python -m`; several CPU processes (no
+    GPU, or an accelerate config with `use_cpu` / MULTI_CPU) run as ranks of `torch.distributed.run`;
+    GPUs run through `accelerate launch`."""
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "launch_config.yaml"
     config.to_yaml(path)
+    target = ["-m", "flowopd_lib.train", stage, str(path)]
+    env = None
     if num_processes == 1 and accelerate_config is None:
-        command = [sys.executable, "-m", "flowopd_lib.train", stage, str(path)]
+        command = [sys.executable, *target]
+    elif cpu_processes(accelerate_config):
+        command, env = cpu_ranks_command(num_processes, target)
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
         command += ["--config_file", accelerate_config] if accelerate_config else []
-        command += ["-m", "flowopd_lib.train", stage, str(path)]
-    subprocess.run(command, check=True)
+        command += target
+    subprocess.run(command, check=True, env=env)
+
+
+def cpu_processes(accelerate_config: str | None) -> bool:
+    """Whether the processes run on the CPU: the accelerate config says so, or there is no GPU."""
+    if accelerate_config is not None:
+        values = yaml.safe_load(Path(accelerate_config).read_text()) or {}
+        return bool(values.get("use_cpu")) or values.get("distributed_type") == "MULTI_CPU"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def cpu_ranks_command(num_processes: int, target: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Command and environment that start `num_processes` CPU ranks of `python <target>` on this machine.
+
+    Not `accelerate launch`: for --cpu or a MULTI_CPU config file it starts ONE process (accelerate
+    1.x's simple launcher forks only under mpirun). torch.distributed.run forks the ranks and sets
+    the env:// variables; ACCELERATE_USE_CPU makes their `Accelerator()` join them with gloo (without
+    it each rank sees a world of 1 on a CPU-only torch and trains alone)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(num_processes), *target]
+    return command, {**os.environ, **CPU_RANKS_ENV}
 
 
 if __name__ == "__main__":

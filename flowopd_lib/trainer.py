@@ -11,6 +11,14 @@ Only `label` and `step_loss` differ (subclasses); this module holds the rest: th
 sharding over processes with prompt groups kept whole, minibatches, gradient all-reduce, clipping,
 AdamW, an EMA of the adapter (what is evaluated and saved), checkpoints that resume exactly, metrics.
 
+Resuming: a run directory resumes only with the config its checkpoints were trained with (the
+budget, evaluation and checkpoint cadence may change: MAY_CHANGE_ON_RESUME; anything else is a
+ResumeError listing old -> new); a corrupt newest checkpoint falls back to the previous one.
+
+Non-finite values: rewards (grpo.py), labels, loss terms and gradients are checked before every
+optimizer step; a NaN or inf raises NonFiniteError (naming it, its prompt and the update) on every
+process, so it never reaches the weights, the EMA or a checkpoint.
+
 Determinism: the prompts, noise and minibatch order of update u depend only on (seed, u), so a run
 resumed from a checkpoint equals an uninterrupted one, and N processes match one process up to
 float tolerance (each holds a contiguous block of whole prompt groups; losses are normalised by
@@ -21,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 import zlib
 from contextlib import contextmanager
@@ -29,12 +38,32 @@ from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from . import adapters, checkpoint, data, rollout, toy
 from .config import Config, ConfigError, param
 from .models.base import FlowModel
 from .tracking import Run
+
+
+class NonFiniteError(FloatingPointError):
+    """A reward, label, loss term or gradient of an update is NaN or infinite.
+
+    Raised on every process before the update's optimizer step, so neither the adapter nor a
+    checkpoint takes the value: the run directory's latest checkpoint stays the one to resume from.
+    The message names the value (reward, label or loss term), the sample's prompt and the update."""
+
+
+class ResumeError(ConfigError):
+    """The run directory holds a run of another config: resuming it would mix two runs."""
+
+
+# Fields a resumed run may change: its budget, evaluation and checkpoint cadence, where the run
+# directory is, and execution settings that change memory use, not what is trained (the tests show
+# micro-batches, rollout chunks and gradient checkpointing give the same update).
+MAY_CHANGE_ON_RESUME = ("updates", "time_budget_minutes", "eval_every", "checkpoint_every", "out_dir",
+                        "micro_batch", "rollout_chunks", "gradient_checkpointing")
 
 PromptSource = Callable[[str, int, int], list]  # (task, n, seed) -> prompts of that task
 
@@ -62,7 +91,7 @@ class OnPolicyConfig(Config):
     ode_after_trained: bool = param(False, "sample the untrained steps (after the first train_fraction) with the "
                                     "ODE, as Flow-GRPO-Fast and MixGRPO do: rewards then vary only through the "
                                     "noise of the trained steps (on the toy GenEval it did not make the gradient "
-                                    "less noisy: README)")
+                                    "less noisy: docs/findings.md)")
     cfg_scale: float = param(1.0, "classifier-free guidance in rollouts and training (1 = off)", range=(1, None))
     shift: float = param(1.0, "timestep shift of the sampling grid (3 for SD3.5)", range=(0, None))
     prompt_root: str | None = param(None, "a Flow-GRPO dataset/ folder to train on (None = the toy world's prompts)")
@@ -121,6 +150,44 @@ def update_tasks(cfg: OnPolicyConfig, update: int) -> list[str]:
     return [t for t, c in zip(tasks, counts) for _ in range(c)]
 
 
+def check_world(num_processes: int) -> None:
+    """Refuse ranks that do not see each other: torch.distributed.run on a CPU-only torch without
+    ACCELERATE_USE_CPU gives every rank an Accelerator of one process, and each would train alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != num_processes:
+        raise RuntimeError(f"launched as WORLD_SIZE={world} ranks but accelerate sees {num_processes} process(es): "
+                           "on CPU set ACCELERATE_USE_CPU=true (flowopd_lib.train.launch does), on GPUs use "
+                           "accelerate launch")
+
+
+LABEL_SOURCES = {  # where each trainer's labels come from, for NonFiniteError messages
+    "advantage": "group advantages of the rewards", "weight": "the keep weights of prompt groups",
+    "v_ref": "the base model's velocities, the KL reference", "v_target": "the routed teachers' velocities",
+    "v_anchor": "the MAR anchor's velocities", "v_old": "the sampling policy's velocities",
+    "sigma": "the training noise levels", "noise": "the training noise"}
+
+
+def describe_sample(prompt) -> str:
+    """'prompt '...' (task t)' of a sample, for error messages."""
+    task = getattr(prompt, "task", None)
+    return f"prompt {rollout.text_of(prompt)!r}" + (f" (task {task!r})" if task else "")
+
+
+def nonfinite_term(terms: list) -> str | None:
+    """The first non-finite loss term among (prompts, term index, loss [b], metrics) of a minibatch,
+    described (the metrics that are non-finite name the term: e.g. 'kl_ref'); None if all are finite.
+    One check for the whole list: a GPU synchronises once per minibatch, not per term."""
+    if not terms or torch.isfinite(torch.cat([loss.flatten() for _, _, loss, _ in terms])).all():
+        return None
+    for prompts, j, loss, metrics in terms:
+        bad = ~torch.isfinite(loss)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            names = [n for n, v in metrics.items() if v.ndim and not torch.isfinite(v[i]).all()] or ["loss"]
+            return f"loss term {j} ({', '.join(names)}) is {loss[i].item()} for {describe_sample(prompts[i])}"
+    return None
+
+
 def sample_seed(seed: int, update: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, update, index]).generate_state(1)[0])
 
@@ -138,6 +205,7 @@ class OnPolicyTrainer:
         self.cfg, self.eval_fn = cfg, eval_fn
         self.prompt_source = prompt_source or (lambda task, n, seed: data.prompts(task, n, "train", seed, cfg.prompt_root))
         self.acc = accelerator or Accelerator()
+        check_world(self.acc.num_processes)
         if cfg.prompts_per_update % self.acc.num_processes:
             raise ConfigError(f"prompts_per_update={cfg.prompts_per_update} must be divisible by the "
                               f"{self.acc.num_processes} processes (prompt groups stay whole on one process)")
@@ -148,11 +216,14 @@ class OnPolicyTrainer:
         if cfg.init_adapter:
             adapters.load(self.model, cfg.init_adapter, cfg.adapter)
         else:
-            adapters.add(self.model, cfg.adapter, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+            # seeded from (cfg.seed, name): every run of this config and every rank starts alike
+            adapters.add(self.model, cfg.adapter, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
         self.params = adapters.parameters(self.model, cfg.adapter, trainable=True)
+        self.param_names = [n for n, _ in adapters.named_parameters(self.model, cfg.adapter)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMAModel(self.params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.update = 0
+        self.running_update: int | None = None  # the update `run_update` is in (error messages)
         self.train_seconds = 0.0  # wall time spent in updates, carried across resumes (the budget)
 
     # ------------------------------------------------------------------ hooks
@@ -257,17 +328,24 @@ class OnPolicyTrainer:
                     # Normalise by the global number of (sample, step) terms of this minibatch.
                     norm = self.global_sum(weight.sum().to(self.acc.device)) * cfg.trained_steps
                     self.opt.zero_grad(set_to_none=False)
+                    terms = []  # (prompts, term index, loss, metrics) of each term, checked once below
                     if norm > 0:
-                        for sub in index.split(cfg.micro_batch or max(1, len(index))):  # gradient accumulation
+                        # (no local samples with signal: no forward, but this process still joins the
+                        # all-reduce and the step below; `split` of an empty index would yield one empty batch)
+                        micro_batches = index.split(cfg.micro_batch or len(index)) if len(index) else ()
+                        for sub in micro_batches:  # gradient accumulation
                             part, w = traj.select(sub), labels["weight"][sub]
                             lab = {k: v[sub] for k, v in labels.items()}
-                            for loss, metrics in self.loss_terms(part, lab):
+                            for j, (loss, metrics) in enumerate(self.loss_terms(part, lab)):
                                 (loss * w).sum().div(norm).backward()
+                                terms.append((part.prompts, j, loss.detach(),
+                                              {n: v.detach() for n, v in metrics.items()}))
                                 for name, value in {"loss": loss, **metrics}.items():
                                     sums[name] = sums.get(name, 0) + (value.detach() * w).sum()
                         count += weight.sum() * cfg.trained_steps
+                    self.stop_if_nonfinite(nonfinite_term(terms), update)
                     self.all_reduce_grads()
-                    grad_norms.append(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip).item())
+                    grad_norms.append(self.clip_gradients(update))
                     if norm > 0:
                         self.opt.step()
                         if self.ema is not None:
@@ -277,6 +355,55 @@ class OnPolicyTrainer:
         out = {name: (self.global_sum(torch.as_tensor(v, device=self.acc.device)) / total).item()
                for name, v in sums.items()}
         return {**out, "grad_norm": float(np.mean(grad_norms))}
+
+    def clip_gradients(self, update: int) -> float:
+        """Clip the (all-reduced, so identical on every process) gradients to cfg.grad_clip and
+        return their norm; a non-finite gradient raises NonFiniteError naming its parameters."""
+        grads = [p.grad for p in self.params]
+        total = torch.nn.utils.get_total_norm(grads)
+        if not torch.isfinite(total):
+            bad = [n for n, g in zip(self.param_names, grads) if not torch.isfinite(g).all()]
+            raise NonFiniteError(f"the gradient of {len(bad)} adapter parameter(s) is non-finite, e.g. {bad[:3]}, "
+                                 f"although every loss term was finite (an overflow in the backward pass: "
+                                 f"try a lower lr), at {self.where(update)}")
+        torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.grad_clip, total)
+        return total.item()
+
+    # ------------------------------------------------------------------ non-finite values
+    def where(self, update: int | None = None) -> str:
+        """'update u/N' and what a stop there leaves behind (for NonFiniteError messages)."""
+        update = update if update is not None else (
+            self.running_update if self.running_update is not None else self.update)
+        last = checkpoint.latest(self.ckpt_dir)
+        kept = (f"the latest checkpoint, {last}, stays the one to resume from" if last is not None
+                else "no checkpoint was written yet")
+        return f"update {update + 1}/{self.cfg.updates}, stopped before the optimizer took it; {kept}"
+
+    def stop_if_nonfinite(self, problem: str | None, update: int | None = None) -> None:
+        """Raise NonFiniteError on every process if any process found a `problem` (so that none is
+        left waiting in a collective for one that stopped)."""
+        flags = torch.zeros(self.acc.num_processes, device=self.acc.device)
+        flags[self.acc.process_index] = float(problem is not None)
+        flags = self.global_sum(flags)
+        if not flags.any():
+            return
+        if problem is None:
+            problem = f"a non-finite value on process(es) {flags.nonzero().flatten().tolist()} (their error names it)"
+        raise NonFiniteError(f"{problem}, at {self.where(update)}")
+
+    def check_labels(self, traj, labels: dict[str, torch.Tensor], update: int) -> None:
+        """Every sample's labels are finite (a NaN teacher velocity or advantage stops here)."""
+        problem = None
+        for key, value in labels.items():
+            if not value.is_floating_point():
+                continue
+            bad = ~torch.isfinite(value.reshape(len(value), -1)).all(dim=1)
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                source = LABEL_SOURCES.get(key, "computed by the trainer's label()")
+                problem = f"label {key!r} ({source}) is non-finite for {describe_sample(traj.prompts[i])}"
+                break
+        self.stop_if_nonfinite(problem, update)
 
     def all_reduce_grads(self) -> None:
         for p in self.params:
@@ -291,10 +418,12 @@ class OnPolicyTrainer:
                 offset += p.numel()
 
     def run_update(self, update: int) -> dict[str, float]:
+        self.running_update = update
         t0 = time.time()
         traj = self.rollout(update)
         t1 = time.time()
         labels, label_metrics = self.label(traj, update)
+        self.check_labels(traj, labels, update)
         t2 = time.time()
         train_metrics = self.optimize(traj, labels, update)
         train_metrics.update(self.after_update(update))
@@ -375,13 +504,44 @@ class OnPolicyTrainer:
         out.mkdir(parents=True, exist_ok=True)
         (out / "estimate.json").write_text(json.dumps(asdict(result), indent=1))
 
+    def check_resumable(self) -> None:
+        """Refuse to resume checkpoints trained with another config (config.yaml, written by the run
+        that saved them): the optimizer would go on with the old settings while config.yaml claimed
+        the new ones. Only the fields in MAY_CHANGE_ON_RESUME may differ."""
+        saved_path = Path(self.cfg.out_dir) / "config.yaml"
+        if not saved_path.exists() or not any(self.ckpt_dir.glob("step_*")):
+            return
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        current = yaml.safe_load(self.cfg.to_yaml())
+        missing = object()
+        changed = [f"  {k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
+                   for k in dict.fromkeys([*current, *saved])
+                   if k not in MAY_CHANGE_ON_RESUME and saved.get(k, missing) != current.get(k, missing)]
+        if changed:
+            raise ResumeError(
+                f"cannot resume {self.cfg.out_dir}: its checkpoints were trained with another config "
+                f"({saved_path}); these fields differ (old -> new):\n" + "\n".join(changed) +
+                f"\nOnly {', '.join(MAY_CHANGE_ON_RESUME)} may change on resume. Use the old values to "
+                f"continue, or start fresh: delete {self.cfg.out_dir} or set out_dir to another directory.")
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, if any (a corrupt newest one is skipped
+        with a warning naming it; checkpoints that all fail to load are a CheckpointError)."""
+        self.check_resumable()
+        found = checkpoint.load_latest(self.ckpt_dir, restore_rng=False, required=("adapter", "optimizer", "update"))
+        self.acc.wait_for_everyone()  # every process has read config.yaml before the main one rewrites it
+        if found is None:
+            return
+        last, state = found
+        self.load_state(state)
+        if self.acc.is_main_process:
+            print(f"resumed from {last} (update {self.update})")
+
     def train(self, resume: bool = True) -> dict[str, float]:
         """Run updates until `cfg.updates` or the time budget; returns the last metrics (with eval)."""
         cfg = self.cfg
-        if resume and (last := checkpoint.latest(self.ckpt_dir)) is not None:
-            self.load_state(checkpoint.load(last, restore_rng=False))
-            if self.acc.is_main_process:
-                print(f"resumed from {last} (update {self.update})")
+        if resume:
+            self.resume()
         metrics: dict[str, float] = {}
         if self.acc.is_main_process:
             self.print_estimate()

@@ -1,4 +1,4 @@
-"""The GRPO probes behind the README's diagnosis table (flowopd_lib/probe.py)."""
+"""The GRPO probes behind the diagnosis in docs/findings.md (flowopd_lib/probe.py)."""
 import torch
 
 from flowopd_lib import probe, rewards, toy
