@@ -140,11 +140,8 @@ def evaluate(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = 
                                       shift=shift)
             metrics = task_metrics(task, prompts, images, reward)
             row.update(metrics)
-            if cached is not None:  # write-then-rename: stages running side by side never read half a file
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                partial = cached.with_suffix(f".{os.getpid()}.tmp")
-                partial.write_text(json.dumps(metrics))
-                partial.replace(cached)
+            if cached is not None:
+                _write_atomically(cached, metrics)
         if all(t in row for t in NORMALISERS):
             row["Avg"] = average(row)
         rows[name] = row
@@ -275,26 +272,52 @@ def sample_values(task: str, prompts: list, images: torch.Tensor, reward_name: s
 def sample_scores(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = TASKS, n_prompts: int = 90,
                   samples_per_prompt: int = 1, steps: int = 20, cfg_scale: float = 3.0, seed: int = 0,
                   shift: float = 1.0, prompt_root: str | None = None, reward_for_task: dict[str, str] | None = None,
-                  prompts_for_task: Callable[[str, int, int], list] | None = None) -> pd.DataFrame:
+                  prompts_for_task: Callable[[str, int, int], list] | None = None,
+                  cache_dir: str | Path | None = None) -> pd.DataFrame:
     """Per-sample scores, one row per (model, metric, prompt, sample): columns model, metric, prompt
     (index in the task's prompt list), sample, stratum (GenEval's category; the task otherwise),
     value. Sample j of a prompt starts from the noise of seed + j for every model (paired), so sample
-    0 is what `evaluate(seed=seed)` generates. `summarise` and `compare` turn it into tables."""
+    0 is what `evaluate(seed=seed)` generates. `summarise` and `compare` turn it into tables.
+    `cache_dir`: reuse the scores of the same weights under the same protocol (as `evaluate`)."""
     if not isinstance(models, dict):
         models = {"model": models}
     prompts_for_task = prompts_for_task or (lambda task, n, s: data.prompts(task, n, "test", s, prompt_root))
     prompt_sets = {task: prompts_for_task(task, n_prompts, seed) for task in tasks}
+    protocol = {"steps": steps, "cfg_scale": cfg_scale, "seed": seed, "shift": shift,
+                "samples_per_prompt": samples_per_prompt, "kind": "per-sample"}
     frames = []
     for name, model in models.items():
+        model_fingerprint = fingerprint(model) if cache_dir is not None else None
         for task, prompts in prompt_sets.items():
+            reward = (reward_for_task or {}).get(task)
+            cached = None if cache_dir is None else \
+                Path(cache_dir) / f"{_cache_key(model_fingerprint, task, prompts, reward, protocol)}.json"
+            if cached is not None and cached.exists():
+                values = {k: np.asarray(v) for k, v in json.loads(cached.read_text()).items()}
+            else:
+                values = {}
+                for j in range(samples_per_prompt):
+                    images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale,
+                                              seed=seed + j, shift=shift)
+                    for metric_name, v in sample_values(task, prompts, images, reward).items():
+                        values.setdefault(metric_name, []).append(v.cpu().numpy())
+                values = {k: np.stack(v).astype(np.float64) for k, v in values.items()}  # [samples, prompts]
+                if cached is not None:
+                    _write_atomically(cached, {k: v.tolist() for k, v in values.items()})
             strata = [p.spec["tag"] if task == "geneval" else task for p in prompts]
-            for j in range(samples_per_prompt):
-                images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale,
-                                          seed=seed + j, shift=shift)
-                for metric_name, values in sample_values(task, prompts, images, (reward_for_task or {}).get(task)).items():
+            for metric_name, v in values.items():
+                for j, row in enumerate(v):
                     frames.append(pd.DataFrame({"model": name, "metric": metric_name, "prompt": range(len(prompts)),
-                                                "sample": j, "stratum": strata, "value": values.cpu().numpy()}))
+                                                "sample": j, "stratum": strata, "value": row}))
     return pd.concat(frames, ignore_index=True)
+
+
+def _write_atomically(path: Path, content) -> None:
+    """Write-then-rename: stages running side by side never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(content))
+    partial.replace(path)
 
 
 def _per_prompt(scores: pd.DataFrame) -> pd.DataFrame:

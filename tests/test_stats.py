@@ -61,3 +61,17 @@ def test_sample_scores_of_sample_zero_equal_evaluate():
     reference = evaluation.evaluate(model, **kwargs)
     for column in ("ocr", "pickscore", "pickscore_true"):
         assert table.loc["model", column] == pytest.approx(reference.loc["model", column], abs=1e-6)
+
+
+def test_sample_scores_cache_reuses_the_same_weights(tmp_path, monkeypatch):
+    from tiny import tiny_model
+
+    model = tiny_model()
+    kwargs = dict(tasks=("pickscore",), n_prompts=4, samples_per_prompt=2, steps=2, cfg_scale=1.0, cache_dir=tmp_path)
+    first = evaluation.sample_scores(model, **kwargs)
+    calls = []
+    monkeypatch.setattr(evaluation.rollout, "generate", lambda *a, **k: calls.append(1))
+    again = evaluation.sample_scores(model, **kwargs)
+    assert not calls and first.equals(again)
+    with pytest.raises(TypeError):  # another protocol misses the cache and generates
+        evaluation.sample_scores(model, **{**kwargs, "samples_per_prompt": 3})
