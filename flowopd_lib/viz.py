@@ -102,3 +102,18 @@ def plot_efficiency(table: pd.DataFrame, title: str = "", path=None):
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def bars(table: pd.DataFrame, title: str, path=None, columns=("geneval", "ocr", "pickscore", "deqa", "Avg")):
+    """Grouped bars of a model x metric table (deqa / 5, so every metric is on [0, 1]), with
+    +-1 standard error where the table has `<metric>_se` columns."""
+    shown = table[[c for c in columns if c in table]].astype(float).copy()
+    errors = pd.DataFrame({c: table[f"{c}_se"] if f"{c}_se" in table else 0.0 for c in shown}, index=table.index)
+    if "deqa" in shown:
+        shown["deqa"], errors["deqa"] = shown["deqa"] / 5, errors["deqa"] / 5
+    ax = shown.plot.bar(yerr=errors, capsize=2, figsize=(max(6, 0.9 * len(table)), 3.4), rot=30, title=title)
+    ax.legend(fontsize=7, ncol=len(shown.columns))
+    ax.figure.tight_layout()
+    if path is not None:
+        ax.figure.savefig(path, dpi=120)
+    return ax

@@ -75,3 +75,31 @@ def test_sample_scores_cache_reuses_the_same_weights(tmp_path, monkeypatch):
     assert not calls and first.equals(again)
     with pytest.raises(TypeError):  # another protocol misses the cache and generates
         evaluation.sample_scores(model, **{**kwargs, "samples_per_prompt": 3})
+
+
+def test_summary_tables_format_errors_and_render_a_results_page(tmp_path):
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from flowopd_lib import summary
+
+    measured = pd.DataFrame({"geneval": [0.3, 0.5], "geneval_se": [0.02, 0.03], "ocr": [0.2, 0.4],
+                             "ocr_se": [0.01, 0.01], "pickscore": [0.4, 0.4], "pickscore_se": [0.0, 0.0],
+                             "deqa": [3.0, 3.5], "deqa_se": [0.1, 0.1]}, index=["None", "t"])
+    measured = summary.with_average(measured)
+    assert measured.loc["t", "Avg"] == pytest.approx((0.5 + 0.4 + 0.4 + 0.7) / 4)
+    folder = tmp_path / "run" / "summary"
+    folder.mkdir(parents=True)
+    table = summary.rows_of(measured, {"base": None})
+    shown = summary.save("main", table, folder)
+    assert shown.loc["base", "geneval"] == "0.300 ± 0.020" and shown.loc["base", "budget"] == "pretrained base"
+    (tmp_path / "run" / "provenance.json").write_text(json.dumps(
+        {"git": {"commit": "abc", "dirty": False}, "argv": ["runs.py", "papermill_runs/toy_full.yaml"],
+         "started": "now", "torch_threads": 1}))
+    (tmp_path / "run" / "spec.yaml").write_text(yaml.safe_dump({"name": "toy_full", "stages": []}))
+    (folder / "parameters.yaml").write_text(yaml.safe_dump({"eval_prompts": 90, "eval_cfg": 1.0}))
+    page = summary.render(tmp_path / "run")
+    assert "`abc`" in page and "toy_full.yaml" in page and "eval_prompts 90" in page
+    assert "## main" in page and "0.300 ± 0.020" in page
