@@ -203,6 +203,32 @@ def ship(task: str, run_dir: str | Path, metrics: dict | None = None, destinatio
     return target
 
 
+def shipped(destination: Path = ASSETS) -> dict[str, Path]:
+    """task -> directory of each shipped teacher."""
+    return {d.name: d for d in sorted(destination.glob("*")) if (d / "adapter.json").exists()}
+
+
+def table(destination: Path = ASSETS) -> str:
+    """Markdown of the shipped teachers' recorded rows: every metric of the base and the teacher
+    (± one standard error) and the teacher's paired change with its 95% bootstrap interval."""
+    lines = []
+    for task, directory in shipped(destination).items():
+        info = json.loads((directory / "adapter.json").read_text())
+        m = info["metrics"]
+        protocol = m["protocol"]
+        lines += [f"### {task} teacher ({info['trainer']}, {info.get('updates')} updates, "
+                  f"{info.get('train_minutes')} min)", "",
+                  f"`{info['command']}`; protocol: CFG {protocol['cfg_scale']:g}, {protocol['steps']} ODE steps, "
+                  f"{protocol['n_prompts']} test prompts x {protocol['samples_per_prompt']} samples, seed {protocol['seed']}",
+                  "", "| metric | base | teacher | change [95% CI] |", "|---|---|---|---|"]
+        for metric, change in m["change"].items():
+            lines.append(f"| {metric} | {m['base'][metric]:.3f} ± {m['base'][metric + '_se']:.3f} | "
+                         f"{m['teacher'][metric]:.3f} ± {m['teacher'][metric + '_se']:.3f} | "
+                         f"{change['diff']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}] |")
+        lines.append("")
+    return "\n".join(lines) if lines else "no teacher shipped yet\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,8 +249,11 @@ def main(argv: list[str] | None = None) -> None:
                                     "it into assets/teachers/<task> with its metrics")
     s.add_argument("task", choices=sorted(RECIPES))
     s.add_argument("--run", required=True)
+    sub.add_parser("table", help="markdown of the shipped teachers' recorded metrics")
     args = parser.parse_args(argv)
-    if args.command == "train":
+    if args.command == "table":
+        print(table())
+    elif args.command == "train":
         overrides = {}
         for item in args.config:
             key, sep, value = item.partition("=")

@@ -42,6 +42,7 @@ def test_ship_writes_the_protocol_and_command(tmp_path):
     assert info["protocol"] == teachers.PROTOCOL and info["trainer"] == teachers.RECIPES["ocr"][0]
     assert info["command"].startswith("python -m flowopd_lib.teachers train ocr") and info["metrics"] == {"ocr": 0.5}
     adapters.load(models.load_base("toy"), target, "ocr")  # loads as a diffusers LoRA
+    assert teachers.shipped(tmp_path / "assets") == {"ocr": target}
 
 
 def test_measure_gives_each_metric_with_its_error_and_the_paired_change(tmp_path, monkeypatch):
@@ -55,3 +56,10 @@ def test_measure_gives_each_metric_with_its_error_and_the_paired_change(tmp_path
         assert result["change"][metric]["low"] <= 0 <= result["change"][metric]["high"]
         assert f"{metric}_se" in result["base"]
     assert result["protocol"]["samples_per_prompt"] == 2
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    for f in directory.iterdir():
+        (run / "adapter" / f.name).write_bytes(f.read_bytes())
+    teachers.ship("ocr", run, result, destination=tmp_path / "assets")
+    text = teachers.table(tmp_path / "assets")
+    assert "### ocr teacher" in text and "| ocr |" in text and "[" in text
