@@ -195,6 +195,12 @@ def ship(task: str, run_dir: str | Path, metrics: dict | None = None, destinatio
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(run_dir / "adapter", target)
+    if (run_dir / "metrics.csv").exists():  # the learning curve travels with the teacher (a few kB)
+        import pandas as pd
+
+        curve = pd.read_csv(run_dir / "metrics.csv")
+        keep = ["step"] + [c for c in curve if c.startswith(("eval/", "reward", "time/"))]
+        curve[keep].to_csv(target / "learning_curve.csv", index=False)
     info = json.loads((target / "adapter.json").read_text())
     info.update({"task": task, "trainer": RECIPES[task][0], "protocol": PROTOCOL,
                  "command": f"python -m flowopd_lib.teachers train {task} --out {run_dir}",
