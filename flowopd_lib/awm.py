@@ -23,7 +23,7 @@ import torch
 
 from .config import param
 from .forward_rl import ForwardRLConfig, ForwardRLTrainer
-from .grpo import ppo_clip_loss
+from .losses import ppo_clip_loss
 from .models.base import FlowModel
 
 

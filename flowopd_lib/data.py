@@ -29,7 +29,8 @@ from typing import Callable
 
 import numpy as np
 
-from .toy.grammar import TASKS, Prompt, parse_ocr
+from .tasks import TASKS
+from .toy.grammar import Prompt, parse_ocr
 from .toy.splits import _cycle, prompt_file
 
 

@@ -16,22 +16,24 @@ mixed-adapter batches; then one of these objectives is minimised on the trained 
                    (LLM on-policy distillation), optionally summed to go
 
 plus MAR: lambda * w(s) ||v_student - v_anchor||^2 on every sample (anchor = the base or an adapter).
-Every objective is a pure function below, shape-documented and unit-tested.
+Every objective is a pure function below, shape-documented and unit-tested, and one entry of the
+registry `OBJECTIVES` (name -> `Objective`: that loss and what the trainer must compute for it: teacher
+labels at every SDE step or only the trained ones, the sampled action's PPO ratio, per-step
+advantages at labelling). The trainer consults the registry; it never compares objective names.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
 
 from . import adapters, flow, rollout
 from .config import ConfigError, param
-from .grpo import ppo_clip_loss
+from .losses import ppo_clip_loss
 from .models.base import FlowModel
 from .trainer import OnPolicyConfig, OnPolicyTrainer
-
-OBJECTIVES = ("kl", "kl_rtg", "pg_undetached", "pg_detached", "pg_logratio")
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -67,6 +69,14 @@ def pg_kl_loss(kl: torch.Tensor, log_prob: torch.Tensor, old_log_prob: torch.Ten
     return ppo_clip_loss(log_prob, old_log_prob, advantage, clip_range)[0]
 
 
+def pg_advantage_loss(kl: torch.Tensor, log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float,
+                      advantage: torch.Tensor, add_kl: bool) -> torch.Tensor:
+    """`kl_rtg` (add_kl) / `pg_logratio`: PPO-clipped ratio with the labelled advantage [B] of the
+    step, plus the direct per-step KL [B] where add_kl (without it the KL is not part of the loss)."""
+    pg = ppo_clip_loss(log_prob, old_log_prob, advantage, clip_range)[0]
+    return kl + pg if add_kl else pg
+
+
 def reward_to_go(step_rewards: torch.Tensor, include_current: bool) -> torch.Tensor:
     """[B, T] -> [B, T]: sum of the rewards of steps >= t (or > t when not include_current)."""
     to_go = step_rewards.flip(1).cumsum(1).flip(1)
@@ -92,6 +102,54 @@ def logratio_advantages(teacher_log_probs: torch.Tensor, student_log_probs: torc
     return reward_to_go(r, include_current=True) if to_go else r
 
 
+# ----------------------------------------------------------------------------- the objectives
+
+def kl_rtg_labels(kls: torch.Tensor, traj: rollout.Trajectories, v_target: torch.Tensor, cfg) -> torch.Tensor:
+    """`kl_rtg`'s advantages [B, T] from the per-step KLs [B, T] of the labelled steps."""
+    return kl_rtg_advantages(kls, cfg.group_size)
+
+
+def logratio_labels(kls: torch.Tensor, traj: rollout.Trajectories, v_target: torch.Tensor, cfg) -> torch.Tensor:
+    """`pg_logratio`'s advantages [B, T]: the stored actions' exact (summed) log-densities under the
+    teacher's step Gaussians (velocities v_target [B, T, ...]) minus the student's at rollout."""
+    steps = v_target.shape[1]
+    teacher_lp = torch.stack([flow.sde_step(v_target[:, k], traj.latents[:, k], traj.sigmas[k], traj.sigmas[k + 1],
+                                            cfg.noise_level, prev_sample=traj.latents[:, k + 1], reduce="sum").log_prob
+                              for k in range(steps)], dim=1)
+    student_lp = traj.log_probs[:, :steps] * traj.latents[0, 0].numel()  # stored means -> exact sums
+    return logratio_advantages(teacher_lp, student_lp, cfg.reward_to_go)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One OPD objective: the pure per-step loss [B] it minimises and what the trainer computes for it.
+
+    `loss(kl, **inputs)` gets the step KL [B] and, where `ppo_ratio`, log_prob, old_log_prob (the
+    sampled action's log-prob now and at rollout) and clip_range; where `advantages`, also the
+    step's advantage [B] from labels["advantage"], which `advantages(kls, traj, v_target, cfg)`
+    computes once per update from the labelled steps' KLs [B, T] and teacher velocities."""
+    loss: Callable[..., torch.Tensor]
+    every_step: bool = False  # teacher labels at every SDE step, not only the trained ones (scores the
+                              # whole trajectory, so it needs SDE steps throughout)
+    ppo_ratio: bool = False   # uses the PPO likelihood ratio of the sampled action
+    advantages: Callable[..., torch.Tensor] | None = None  # per-step advantages [B, T] at labelling
+
+    def __post_init__(self):
+        if self.advantages is not None and not self.ppo_ratio:
+            raise ValueError("an objective with advantages needs ppo_ratio: advantages weigh the PPO ratio")
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "kl": Objective(kl_loss),
+    "kl_rtg": Objective(functools.partial(pg_advantage_loss, add_kl=True), every_step=True, ppo_ratio=True,
+                        advantages=kl_rtg_labels),
+    "pg_undetached": Objective(functools.partial(pg_kl_loss, detach=False), ppo_ratio=True),
+    "pg_detached": Objective(functools.partial(pg_kl_loss, detach=True), ppo_ratio=True),
+    "pg_logratio": Objective(functools.partial(pg_advantage_loss, add_kl=False), every_step=True, ppo_ratio=True,
+                             advantages=logratio_labels),
+}
+
+
 # ----------------------------------------------------------------------------- trainer
 
 @dataclasses.dataclass
@@ -102,7 +160,7 @@ class OPDConfig(OnPolicyConfig):
                          "soft_weights blend of all teachers", choices=("hard", "soft"))
     soft_weights: dict[str, float] = param(None, "task -> weight of its teacher in 'soft' routing (default: equal)",
                                default_factory=dict)
-    objective: str = param("kl", "training objective (module docstring)", choices=OBJECTIVES)
+    objective: str = param("kl", "training objective (module docstring)", choices=tuple(OBJECTIVES))
     kl_scaling: str = param("exact", "'exact' Gaussian KL, the released per-dimension no-|dt| scale, or "
                             "'uniform' (squared velocity error, every step weighted the same: an ablation)",
                             choices=("exact", "released", "uniform"))
@@ -127,7 +185,7 @@ class OPDConfig(OnPolicyConfig):
         unknown = [t for t in self.soft_weights if t not in self.teachers]
         if unknown:
             raise ConfigError(f"soft_weights names task(s) {unknown} without a teacher; teachers: {sorted(self.teachers)}")
-        if self.ode_after_trained and self.objective in ("kl_rtg", "pg_logratio"):
+        if self.ode_after_trained and OBJECTIVES[self.objective].every_step:
             raise ConfigError(f"objective={self.objective!r} scores every step of the trajectory, which needs SDE "
                               "steps throughout: set ode_after_trained=False or use objective 'kl'")
 
@@ -177,9 +235,13 @@ class OPDTrainer(OnPolicyTrainer):
 
     # -- labels: teacher/anchor velocities at the stored states, per-step KLs, advantages
     @property
+    def objective(self) -> Objective:
+        return OBJECTIVES[self.cfg.objective]
+
+    @property
     def teacher_steps(self) -> int:
         """Steps that get teacher labels: all of them where the objective sums over the whole trajectory."""
-        return self.cfg.sde_steps if self.cfg.objective in ("kl_rtg", "pg_logratio") else self.cfg.trained_steps
+        return self.cfg.sde_steps if self.objective.every_step else self.cfg.trained_steps
 
     @property
     def label_forwards_per_sample(self) -> int:
@@ -192,14 +254,8 @@ class OPDTrainer(OnPolicyTrainer):
         labels = {"v_target": v_tgt, "weight": torch.ones(len(traj), device=self.acc.device)}
         kls = torch.stack([step_kl(traj.velocities[:, k], v_tgt[:, k], traj.latents[:, k], traj.sigmas[k],
                                    traj.sigmas[k + 1], cfg.noise_level, cfg.kl_scaling) for k in range(steps)], dim=1)
-        if cfg.objective == "kl_rtg":
-            labels["advantage"] = kl_rtg_advantages(kls, cfg.group_size)
-        if cfg.objective == "pg_logratio":
-            teacher_lp = torch.stack([flow.sde_step(v_tgt[:, k], traj.latents[:, k], traj.sigmas[k], traj.sigmas[k + 1],
-                                                    cfg.noise_level, prev_sample=traj.latents[:, k + 1], reduce="sum").log_prob
-                                      for k in range(steps)], dim=1)
-            student_lp = traj.log_probs[:, :steps] * traj.latents[0, 0].numel()  # stored means -> exact sums
-            labels["advantage"] = logratio_advantages(teacher_lp, student_lp, cfg.reward_to_go)
+        if self.objective.advantages is not None:
+            labels["advantage"] = self.objective.advantages(kls, traj, v_tgt, cfg)
         if cfg.mar_lambda > 0:
             anchor = None if cfg.anchor == "base" else self.ANCHOR
             labels["v_anchor"] = torch.stack([self.velocities_through(traj, k, [anchor] * len(traj))
@@ -221,18 +277,15 @@ class OPDTrainer(OnPolicyTrainer):
         cfg = self.cfg
         x, s, s_next = traj.latents[:, k], traj.sigmas[k], traj.sigmas[k + 1]
         kl = step_kl(v, labels["v_target"][:, k], x, s, s_next, cfg.noise_level, cfg.kl_scaling)
-        metrics = {"kl": kl.detach()}
-        if cfg.objective == "kl":
-            loss = kl_loss(kl)
-        else:
+        metrics, inputs = {"kl": kl.detach()}, {}
+        if self.objective.ppo_ratio:
             log_prob = flow.sde_step(v, x, s, s_next, cfg.noise_level, prev_sample=traj.latents[:, k + 1]).log_prob
             old = traj.log_probs[:, k]
             metrics["ratio_dev"] = (log_prob - old).detach().exp().sub(1).abs()
-            if cfg.objective in ("pg_undetached", "pg_detached"):
-                loss = pg_kl_loss(kl, log_prob, old, cfg.clip_range, detach=cfg.objective == "pg_detached")
-            else:
-                pg = ppo_clip_loss(log_prob, old, labels["advantage"][:, k], cfg.clip_range)[0]
-                loss = kl + pg if cfg.objective == "kl_rtg" else pg
+            inputs = {"log_prob": log_prob, "old_log_prob": old, "clip_range": cfg.clip_range}
+        if self.objective.advantages is not None:
+            inputs["advantage"] = labels["advantage"][:, k]
+        loss = self.objective.loss(kl, **inputs)
         if cfg.mar_lambda > 0:
             mar = step_kl(v, labels["v_anchor"][:, k], x, s, s_next, cfg.noise_level, cfg.kl_scaling)
             loss = loss + cfg.mar_lambda * mar
@@ -253,5 +306,6 @@ def train_opd(cfg: OPDConfig, model: FlowModel | None = None, accelerator=None,
     return model
 
 
-__all__ = ["OBJECTIVES", "OPDConfig", "OPDTrainer", "group_baseline", "kl_loss", "kl_rtg_advantages",
-           "logratio_advantages", "pg_kl_loss", "reward_to_go", "step_kl", "train_opd"]
+__all__ = ["OBJECTIVES", "OPDConfig", "OPDTrainer", "Objective", "group_baseline", "kl_loss", "kl_rtg_advantages",
+           "kl_rtg_labels", "logratio_advantages", "logratio_labels", "pg_advantage_loss", "pg_kl_loss", "reward_to_go",
+           "step_kl", "train_opd"]

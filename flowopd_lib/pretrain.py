@@ -38,7 +38,7 @@ class PretrainConfig(Config):
     warmup: int = param(200, "linear warm-up steps", range=(0, None))
     weight_decay: float = param(0.01, "AdamW weight decay", range=(0, 1))
     grad_clip: float = param(1.0, "gradient-norm clip", range=(0, None))
-    caption_noise: float = param(toy.pretrain.CAPTION_NOISE, "probability a caption is left vague or wrong (toy.pretraining_batch)", range=(0, 1))
+    caption_noise: float = param(toy.captions.CAPTION_NOISE, "probability a caption is left vague or wrong (toy.pretraining_batch)", range=(0, 1))
     caption_dropout: float = param(0.1, "probability of the empty caption (trains the unconditional branch for CFG)", range=(0, 1))
     ema_decay: float = param(0.999, "EMA decay of the flow weights (the EMA is what is saved)", range=(0, 1))
     time_budget_minutes: float | None = param(None, "stop the flow phase after this many minutes", range=(0, None))

@@ -41,9 +41,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import adapters, checkpoint, data, rollout, toy
+from . import adapters, checkpoint, data, rollout
 from .config import Config, ConfigError, param
 from .models.base import FlowModel
+from .tasks import TASKS
 from .tracking import Run
 
 
@@ -122,9 +123,9 @@ class OnPolicyConfig(Config):
     out_dir: str = param("runs/student", "run directory (adapter/, checkpoints/, metrics.csv)")
 
     def check(self) -> None:
-        unknown = [t for t in self.datasets if t not in toy.TASKS]
+        unknown = [t for t in self.datasets if t not in TASKS]
         if unknown:
-            raise ConfigError(f"datasets has unknown task(s) {unknown}; tasks are {list(toy.TASKS)}")
+            raise ConfigError(f"datasets has unknown task(s) {unknown}; tasks are {list(TASKS)}")
         if not self.datasets or any(r <= 0 for r in self.datasets.values()):
             raise ConfigError(f"datasets={self.datasets}: give each task a ratio > 0")
         if self.trained_steps < 1:

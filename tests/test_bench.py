@@ -1,5 +1,5 @@
 """The OPD-vs-GRPO update-cost benchmark runs end to end on a tiny model (its timings are not asserted)."""
-from flowopd_lib import bench
+from flowopd_lib.diagnostics import bench
 
 
 def test_bench_reports_phases_ratio_and_forward_costs(monkeypatch):

@@ -33,7 +33,7 @@ def test_estimate_counts_and_scales(tmp_path):
 
 def test_estimated_update_time_is_forwards_times_the_timed_forward(tmp_path, monkeypatch):
     """The time is the update's sample-forwards x one timed forward. Checked through its structure
-    (no comparison with a measured update: that depends on the machine's load; timing is bench.py's)."""
+    (no comparison with a measured update: that depends on the machine's load; timing is diagnostics/bench.py's)."""
     trainer = GRPOTrainer(tiny_model(), config(tmp_path))
     real = estimate_module.time_forward(trainer.model, 2, repeats=1)
     assert 0 < real < math.inf

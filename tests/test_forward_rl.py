@@ -10,7 +10,7 @@ import torch
 
 from flowopd_lib import adapters, rewards
 from flowopd_lib.awm import AWMConfig, AWMTrainer, awm_loss
-from flowopd_lib.grpo import group_advantages
+from flowopd_lib.losses import group_advantages
 from flowopd_lib.nft import NFTConfig, NFTTrainer, nft_loss, old_decay
 from tiny import tiny_model
 

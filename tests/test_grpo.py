@@ -12,7 +12,8 @@ import torch
 
 from flowopd_lib import adapters, flow, rewards, train
 from flowopd_lib.config import ConfigError
-from flowopd_lib.grpo import GRPOConfig, GRPOTrainer, combined_rewards, group_advantages, ppo_clip_loss
+from flowopd_lib.grpo import GRPOConfig, GRPOTrainer, combined_rewards
+from flowopd_lib.losses import group_advantages, ppo_clip_loss
 from flowopd_lib.trainer import update_tasks
 from flowopd_lib import toy
 from tiny import tiny_model

@@ -8,7 +8,7 @@ from flowopd_lib import adapters, flow
 from flowopd_lib.config import ConfigError
 from flowopd_lib.opd import (OPDConfig, OPDTrainer, kl_rtg_advantages, logratio_advantages, pg_kl_loss,
                              reward_to_go, step_kl, teacher_name)
-from flowopd_lib.grpo import ppo_clip_loss
+from flowopd_lib.losses import ppo_clip_loss
 from tiny import tiny_model
 
 S, S_NEXT, A = torch.tensor(0.6), torch.tensor(0.5), 0.7

@@ -1,7 +1,8 @@
-"""The GRPO probes behind the diagnosis in docs/findings.md (flowopd_lib/probe.py)."""
+"""The GRPO probes behind the diagnosis in docs/findings.md (flowopd_lib/diagnostics/probe.py)."""
 import torch
 
-from flowopd_lib import probe, rewards, toy
+from flowopd_lib import rewards, toy
+from flowopd_lib.diagnostics import probe
 
 
 def test_probe_rewards_on_known_images():

@@ -12,7 +12,7 @@ from .font import GLYPHS
 from .grammar import (GENEVAL_TAGS, TASKS, Prompt, parse_prompt, random_prompt, vocabulary,
                       words)
 from .layout import render, relations, scene_for_prompt, scenes_for_prompts
-from .pretrain import pretraining_batch
+from .captions import pretraining_batch
 from .scenes import BACKGROUNDS, COLORS, SHAPES, Item, Scene, render_scenes
 from .splits import SPLITS, read_prompts, sample_prompts
 

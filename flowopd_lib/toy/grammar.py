@@ -25,10 +25,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..tasks import TASKS  # the task names are the package's (tasks.py); the toy world re-exports them
 from .font import GLYPHS
 from .scenes import BACKGROUNDS, COLORS, SHAPES, SIZES
 
-TASKS = ("geneval", "ocr", "pickscore", "deqa")
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}

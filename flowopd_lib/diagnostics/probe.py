@@ -8,11 +8,11 @@ Two diagnostic rewards join the registry when this module is imported:
 
 and four experiments (the GRPO diagnosis and probe distillation of docs/findings.md come from these):
 
-    python -m flowopd_lib.probe train probe_redness --updates 21 -c lr=0.01 -c minibatches=1 -c beta=0
-    python -m flowopd_lib.probe train geneval --updates 20 -c lr=0.01 -c minibatches=1 -c beta=0
-    python -m flowopd_lib.probe cosine probe_redness
-    python -m flowopd_lib.probe distill --updates 21
-    python -m flowopd_lib.probe linesearch geneval --batches 16 --out runs/linesearch
+    python -m flowopd_lib.diagnostics.probe train probe_redness --updates 21 -c lr=0.01 -c minibatches=1 -c beta=0
+    python -m flowopd_lib.diagnostics.probe train geneval --updates 20 -c lr=0.01 -c minibatches=1 -c beta=0
+    python -m flowopd_lib.diagnostics.probe cosine probe_redness
+    python -m flowopd_lib.diagnostics.probe distill --updates 21
+    python -m flowopd_lib.diagnostics.probe linesearch geneval --batches 16 --out runs/linesearch
 
 `train` runs `GRPOTrainer` and evaluates the reward with the ODE on fixed test prompts (20 steps,
 CFG 3, seed 0) before and after. `cosine` computes the GRPO gradient of independent batches at
@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import adapters, coldstart, data, models, rewards, rollout, toy
-from .grpo import GRPOConfig, GRPOTrainer
-from .opd import OPDConfig, OPDTrainer
+from .. import adapters, coldstart, data, models, rewards, rollout, toy
+from ..grpo import GRPOConfig, GRPOTrainer
+from ..opd import OPDConfig, OPDTrainer
 
 EVAL_PROMPTS, EVAL_STEPS, EVAL_CFG = 64, 20, 3.0
 

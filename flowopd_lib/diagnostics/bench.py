@@ -5,8 +5,8 @@ adds MAR (anchor = the base), GRPO scores with the routed task's reward and adds
 base. Prints the time per phase (rollout, label, train), the ratio OPD / GRPO, and what one
 labelling forward costs under each adapter routing (where OPD's extra label time goes).
 
-    python -m flowopd_lib.bench                      # the shipped toy base, 3 timed updates each
-    python -m flowopd_lib.bench --base tiny --updates 2
+    python -m flowopd_lib.diagnostics.bench                  # the shipped toy base, 3 timed updates each
+    python -m flowopd_lib.diagnostics.bench --base tiny --updates 2
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import adapters
-from .grpo import GRPOConfig, GRPOTrainer
-from .opd import OPDConfig, OPDTrainer
+from .. import adapters
+from ..grpo import GRPOConfig, GRPOTrainer
+from ..opd import OPDConfig, OPDTrainer
 
 TASKS = ("geneval", "ocr", "pickscore")
 PHASES = ("time/rollout", "time/label", "time/train")
@@ -28,10 +28,10 @@ PHASES = ("time/rollout", "time/label", "time/train")
 
 def load_model(base: str):
     if base == "tiny":
-        from .models.toy import ToyFlowModel
+        from ..models.toy import ToyFlowModel
         torch.manual_seed(0)
         return ToyFlowModel("tiny")
-    from .models import load_base
+    from ..models import load_base
     return load_base(base)
 
 

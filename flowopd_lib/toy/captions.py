@@ -5,6 +5,9 @@ captions rarely state those right. The same is done here: with probability `capt
 caption loses or garbles its count, relation, quoted text, an object, or (at half that rate)
 its colours, while the image stays what the clean prompt described. Colours and shapes stay
 mostly right, so the base learns those well and is weak where real models are.
+
+This module makes the data (`pretraining_batch`); the training loop that consumes it is
+`flowopd_lib/pretrain.py`.
 """
 from __future__ import annotations
 
