@@ -67,6 +67,7 @@ def test_dry_run_of_sd35m_completes(tmp_path):
     assert "Flow-OPD (merge init)" in table
 
 
+@pytest.mark.slow  # ~50 s; make test-all (nft and awm on tiny SD3 are in test_forward_rl)
 @pytest.mark.parametrize("trainer,stage", [("nft", "teacher_ocr"), ("awm", "teacher_geneval")])
 def test_sd35m_teacher_stages_run_with_the_forward_process_trainers(tmp_path, trainer, stage):
     """-p trainer=nft|awm picks the stage's official settings (trainer_extra) on the SD3 wrapper."""
