@@ -51,6 +51,24 @@ def generate(model: FlowModel, prompts: list[str], steps: int = 20, cfg_scale: f
 
 # ----------------------------------------------------------------------------- training rollouts
 
+def _pick(values, index: torch.Tensor):
+    """The samples at `index` of per-sample values: a tensor, PromptEmbeds, or None (absent)."""
+    if values is None:
+        return None
+    if isinstance(values, PromptEmbeds):
+        return PromptEmbeds(values.tokens[index], values.pooled[index])
+    return values[index]
+
+
+def _cat(parts: list):
+    """Per-sample values of sub-batches in order: tensors, PromptEmbeds, or None (absent)."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], PromptEmbeds):
+        return PromptEmbeds(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]))
+    return torch.cat(parts)
+
+
 @dataclass
 class Trajectories:
     """SDE trajectories of a batch of samples (B = prompts x group size), what GRPO and OPD train on.
@@ -72,11 +90,9 @@ class Trajectories:
 
     def select(self, index: torch.Tensor) -> "Trajectories":
         """The samples at `index` (a [b] long tensor), e.g. one minibatch."""
-        idx = index.tolist()
-        pick = lambda e: None if e is None else PromptEmbeds(e.tokens[index], e.pooled[index])  # noqa: E731
-        images = None if self.images is None else self.images[index]
-        return Trajectories([self.prompts[i] for i in idx], self.latents[index], self.log_probs[index],
-                            self.velocities[index], self.sigmas, pick(self.cond), pick(self.uncond), images)
+        return Trajectories([self.prompts[i] for i in index.tolist()], self.latents[index], self.log_probs[index],
+                            self.velocities[index], self.sigmas, _pick(self.cond, index), _pick(self.uncond, index),
+                            _pick(self.images, index))
 
 
 @dataclass
@@ -95,9 +111,8 @@ class FinalSamples:
         return self.latents.shape[0]
 
     def select(self, index: torch.Tensor) -> "FinalSamples":
-        pick = lambda e: None if e is None else PromptEmbeds(e.tokens[index], e.pooled[index])  # noqa: E731
         return FinalSamples([self.prompts[i] for i in index.tolist()], self.latents[index], self.seeds[index],
-                            pick(self.cond), pick(self.uncond), None if self.images is None else self.images[index])
+                            _pick(self.cond, index), _pick(self.uncond, index), _pick(self.images, index))
 
 
 @torch.no_grad()
@@ -126,19 +141,12 @@ def concat(parts: list):
     """Sub-batches sampled one after the other (same sigmas) as one batch, in order."""
     if len(parts) == 1:
         return parts[0]
+    prompts = [p for t in parts for p in t.prompts]
+    field = lambda name: _cat([getattr(t, name) for t in parts])  # noqa: E731
     if isinstance(parts[0], FinalSamples):
-        cat_embeds = lambda es: None if es[0] is None else PromptEmbeds(  # noqa: E731
-            torch.cat([e.tokens for e in es]), torch.cat([e.pooled for e in es]))
-        return FinalSamples([p for t in parts for p in t.prompts], torch.cat([t.latents for t in parts]),
-                            torch.cat([t.seeds for t in parts]), cat_embeds([t.cond for t in parts]),
-                            cat_embeds([t.uncond for t in parts]),
-                            None if parts[0].images is None else torch.cat([t.images for t in parts]))
-    cat = lambda xs: torch.cat(xs)  # noqa: E731
-    embeds = lambda es: None if es[0] is None else PromptEmbeds(cat([e.tokens for e in es]), cat([e.pooled for e in es]))  # noqa: E731
-    return Trajectories([p for t in parts for p in t.prompts], cat([t.latents for t in parts]),
-                        cat([t.log_probs for t in parts]), cat([t.velocities for t in parts]), parts[0].sigmas,
-                        embeds([t.cond for t in parts]), embeds([t.uncond for t in parts]),
-                        None if parts[0].images is None else cat([t.images for t in parts]))
+        return FinalSamples(prompts, field("latents"), field("seeds"), field("cond"), field("uncond"), field("images"))
+    return Trajectories(prompts, field("latents"), field("log_probs"), field("velocities"), parts[0].sigmas,
+                        field("cond"), field("uncond"), field("images"))
 
 
 def text_of(prompt) -> str:

@@ -20,11 +20,10 @@ from pathlib import Path
 import yaml
 
 from . import evaluation
+from . import train as train_module
 
 ASSETS = Path(__file__).parent / "assets" / "teachers"
-TRAINERS = {"grpo": ("flowopd_lib.grpo", "GRPOConfig", "train_grpo"),
-            "nft": ("flowopd_lib.nft", "NFTConfig", "train_nft"),
-            "awm": ("flowopd_lib.awm", "AWMConfig", "train_awm")}
+TEACHER_TRAINERS = ("grpo", "nft", "awm")  # stage-0 trainers of train.TRAINERS
 
 # The evaluation protocol the toy teachers are trained and judged under (CFG-free: at CFG 1 the
 # base's skills are latent, and the forward-process trainers need no guidance in their rollouts).
@@ -46,12 +45,10 @@ RECIPES: dict[str, tuple[str, dict]] = {
 
 
 def trainer_for(name: str):
-    """(config class, train function) of a trainer name: grpo, nft or awm."""
-    import importlib
-
-    module, config_name, train_name = TRAINERS[name]
-    mod = importlib.import_module(module)
-    return getattr(mod, config_name), getattr(mod, train_name)
+    """(config class, train function) of a teacher trainer: grpo, nft or awm."""
+    if name not in TEACHER_TRAINERS:
+        raise SystemExit(f"unknown teacher trainer {name!r}; choose one of {list(TEACHER_TRAINERS)}")
+    return train_module.trainer_for(name)
 
 
 def recipe_config(task: str, out_dir: str, overrides: dict | None = None):

@@ -25,7 +25,8 @@ TRAINERS = {"grpo": ("flowopd_lib.grpo", "GRPOConfig", "train_grpo"),
             "opd": ("flowopd_lib.opd", "OPDConfig", "train_opd")}
 
 
-def _load(stage: str):
+def trainer_for(stage: str):
+    """(config class, train function) of a stage name (`TRAINERS`)."""
     import importlib
 
     if stage not in TRAINERS:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--help-config", action="store_true", help="list the stage's config fields and exit")
     args = parser.parse_args(argv)
-    config_cls, train = _load(args.stage)
+    config_cls, train = trainer_for(args.stage)
     if args.help_config:
         print(config_cls.help())
         return

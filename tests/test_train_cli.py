@@ -38,7 +38,7 @@ def test_launch_writes_the_config_and_runs_it_in_a_fresh_process(tmp_path, monke
 def test_cli_refuses_an_override_without_equals_and_an_unknown_key(tmp_path, capsys, monkeypatch):
     """`train grpo run.yaml lr` used to train with lr=None; a typo'd key must not fall back to a default."""
     trained = []
-    monkeypatch.setattr(train, "_load", lambda stage: (GRPOConfig, trained.append))  # nothing trains here
+    monkeypatch.setattr(train, "trainer_for", lambda stage: (GRPOConfig, trained.append))  # nothing trains here
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"updates": 1}))
     with pytest.raises(SystemExit):
         train.main(["grpo", str(tmp_path / "run.yaml"), "lr"])
