@@ -152,13 +152,10 @@ def evaluate(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = 
 
 # ----------------------------------------------------------------------------- pass@k and headroom
 
-def pass_at_k(successes, k: int) -> tuple[float, float]:
-    """(pass@k, its standard error over prompts) from successes [P, n] (bool or 0/1; tensor or array):
-    P prompts with n samples each.
-
-    Per prompt with c of n samples right, the unbiased estimator of Chen et al. 2021 (HumanEval),
-    1 - C(n - c, k) / C(n, k), computed as 1 - prod_{i = n - c + 1}^{n} (1 - k / i); the mean
-    over prompts, and std(ddof=1) / sqrt(P) (nan for one prompt). Raises ValueError unless 1 <= k <= n."""
+def pass_at_k_per_prompt(successes, k: int) -> np.ndarray:
+    """pass@k of each prompt [P] from successes [P, n] (bool or 0/1; tensor or array): with c of n
+    samples right, the unbiased estimator of Chen et al. 2021 (HumanEval), 1 - C(n - c, k) / C(n, k),
+    computed as 1 - prod_{i = n - c + 1}^{n} (1 - k / i). Raises ValueError unless 1 <= k <= n."""
     s = successes.detach().cpu().numpy() if isinstance(successes, torch.Tensor) else np.asarray(successes)
     if s.ndim != 2:
         raise ValueError(f"successes must be [prompts, samples]; got shape {s.shape}")
@@ -174,8 +171,14 @@ def pass_at_k(successes, k: int) -> tuple[float, float]:
     for p, cp in enumerate(c):
         if n - cp >= k:  # else every k-subset holds a success
             per_prompt[p] = 1.0 - np.prod(1.0 - k / np.arange(n - cp + 1, n + 1))
-    se = float(per_prompt.std(ddof=1) / np.sqrt(len(c))) if len(c) > 1 else float("nan")
-    return float(per_prompt.mean()), se
+    return per_prompt
+
+
+def pass_at_k(successes, k: int) -> tuple[float, float]:
+    """(pass@k, its standard error over prompts) from successes [P, n]: the mean of
+    `pass_at_k_per_prompt` and std(ddof=1) / sqrt(P) (nan for one prompt)."""
+    per_prompt = pass_at_k_per_prompt(successes, k)
+    return stats.metric_and_se(per_prompt, np.zeros(len(per_prompt)))
 
 
 def success(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> torch.Tensor:
@@ -236,17 +239,13 @@ def headroom(model: FlowModel, tasks: tuple[str, ...] = EXACT_TASKS, n_prompts: 
             continue
         tags = np.array([p.spec["tag"] for p in prompts])
         present = [t for t in GENEVAL_TAGS if (tags == t).any()] + sorted(set(tags) - set(GENEVAL_TAGS))
-        per_tag = {t: _pass_row(s[tags == t], tuple(dict.fromkeys((1, *ks)))) for t in present}
-        overall = {}
-        for k in ks:
-            overall[f"pass@{k}"] = float(np.mean([r[f"pass@{k}"] for r in per_tag.values()]))
-            overall[f"pass@{k}_se"] = float(np.sqrt(sum(r[f"pass@{k}_se"] ** 2 for r in per_tag.values()))
-                                            / len(per_tag))
-        pass1 = float(np.mean([r["pass@1"] for r in per_tag.values()]))
-        rows["geneval"] = {**overall, "headroom": overall[f"pass@{top}"] - pass1, "prompts": len(prompts)}
-        for t, r in per_tag.items():
-            rows[f"geneval/{t}"] = {**{c: r[c] for c in overall}, "headroom": r[f"pass@{top}"] - r["pass@1"],
-                                    "prompts": int((tags == t).sum())}
+        overall = {}  # GenEval's overall score: the mean over categories (stats.metric_and_se's strata)
+        for k in tuple(dict.fromkeys((1, *ks))):
+            overall[f"pass@{k}"], overall[f"pass@{k}_se"] = stats.metric_and_se(pass_at_k_per_prompt(s, k), tags)
+        rows["geneval"] = {**overall, "headroom": overall[f"pass@{top}"] - overall["pass@1"], "prompts": len(prompts)}
+        for t in present:
+            r = _pass_row(s[tags == t], tuple(dict.fromkeys((1, *ks))))
+            rows[f"geneval/{t}"] = {**r, "headroom": r[f"pass@{top}"] - r["pass@1"], "prompts": int((tags == t).sum())}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "task"
     table["prompts"] = table["prompts"].astype(int)
