@@ -21,6 +21,7 @@ import yaml
 
 from . import evaluation
 from . import train as train_module
+from .trainer import MAY_CHANGE_ON_RESUME
 
 ASSETS = Path(__file__).parent / "assets" / "teachers"
 TEACHER_TRAINERS = ("grpo", "nft", "awm")  # stage-0 trainers of train.TRAINERS
@@ -29,12 +30,15 @@ TEACHER_TRAINERS = ("grpo", "nft", "awm")  # stage-0 trainers of train.TRAINERS
 # base's skills are latent, and the forward-process trainers need no guidance in their rollouts).
 PROTOCOL = {"cfg_scale": 1.0, "steps": 20, "seed": 0}
 
+# What a teacher must add to the base on its own metric under PROTOCOL (DeQA is on a 1-5 scale).
+TARGETS = {"geneval": 0.15, "ocr": 0.15, "pickscore": 0.15, "deqa": 0.3}
+
 # task -> (trainer, config overrides). Shared settings first, then what each task changes.
 _COMMON = dict(cfg_scale=1.0, sde_steps=10, prompts_per_update=32, group_size=8, minibatches=4,
                train_timesteps=4, lr=1e-3, lora_rank=8, lora_alpha=8.0, ema_decay=0.9, beta=1e-4,
                eval_every=10, checkpoint_every=10)
 RECIPES: dict[str, tuple[str, dict]] = {
-    "geneval": ("nft", {**_COMMON, "rewards": {"geneval": 1.0}, "datasets": {"geneval": 1.0}, "updates": 300}),
+    "geneval": ("nft", {**_COMMON, "rewards": {"geneval": 1.0}, "datasets": {"geneval": 1.0}, "updates": 200}),
     "ocr": ("nft", {**_COMMON, "rewards": {"ocr": 1.0}, "datasets": {"ocr": 1.0}, "updates": 300}),
     "pickscore": ("nft", {**_COMMON, "rewards": {"pickscore": 1.0}, "datasets": {"pickscore": 1.0},
                           "updates": 300}),
@@ -170,24 +174,45 @@ def efficiency(task: str, samples: int, eval_every_samples: int, out: str | Path
     return table
 
 
-def measure(task: str, adapter_dir: str | Path, n_prompts: int = 90, samples_per_prompt: int = 4) -> dict:
-    """A teacher against the base on every task under PROTOCOL (the same prompts and noise): each
-    model's metrics with standard errors, and teacher minus base with a paired bootstrap 95% interval."""
+def measure(task: str, adapter_dir: str | Path, n_prompts: int = 90, samples_per_prompt: int = 4,
+            tasks: tuple[str, ...] = evaluation.TASKS) -> dict:
+    """A teacher against the base on `tasks` under PROTOCOL (the same prompts and noise): each
+    model's metrics with standard errors, and teacher minus base with a paired bootstrap 95% interval.
+    Sample j of every prompt starts from the noise of seed + j, so fewer samples per prompt measure
+    a subset of what more measure."""
     from . import adapters, models
 
     model = models.load_base("toy")
     adapters.load(model, adapter_dir, task)
     scores = evaluation.sample_scores({"base": adapters.view(model, None), task: adapters.view(model, task)},
-                                      n_prompts=n_prompts, samples_per_prompt=samples_per_prompt, **PROTOCOL)
+                                      tasks=tasks, n_prompts=n_prompts, samples_per_prompt=samples_per_prompt,
+                                      **PROTOCOL)
     table, change = evaluation.summarise(scores), evaluation.compare(scores, task, "base")
     return {"protocol": {**PROTOCOL, "n_prompts": n_prompts, "samples_per_prompt": samples_per_prompt},
             "base": table.loc["base"].to_dict(), "teacher": table.loc[task].to_dict(),
             "change": change.to_dict("index")}
 
 
+def check_run_follows_recipe(task: str, run_dir: Path) -> None:
+    """Refuse to ship a run whose config differs from the task's recipe: the shipped command
+    (`teachers train <task>`) must reproduce the teacher, so every change belongs in RECIPES."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    recipe = yaml.safe_load(recipe_config(task, str(run_dir)).to_yaml())
+    ignored = {"out_dir", "init_adapter", *MAY_CHANGE_ON_RESUME} - {"updates"}
+    changed = [f"{k}: run {saved.get(k)!r}, recipe {recipe.get(k)!r}" for k in recipe
+               if k not in ignored and saved.get(k) != recipe.get(k)]
+    if changed:
+        raise ValueError(f"{run_dir} was not trained by the {task!r} recipe ({'; '.join(changed)}); "
+                         f"put those values in teachers.RECIPES[{task!r}] so the shipped command reproduces it")
+
+
 def ship(task: str, run_dir: str | Path, metrics: dict | None = None, destination: Path = ASSETS) -> Path:
     """Copy a finished run's adapter to assets/teachers/<task>/ with the recipe, protocol and command."""
     run_dir = Path(run_dir)
+    check_run_follows_recipe(task, run_dir)
     target = destination / task
     if target.exists():
         shutil.rmtree(target)
@@ -223,6 +248,8 @@ def table(destination: Path = ASSETS) -> str:
                   f"{info.get('train_minutes')} min)", "",
                   f"`{info['command']}`; protocol: CFG {protocol['cfg_scale']:g}, {protocol['steps']} ODE steps, "
                   f"{protocol['n_prompts']} test prompts x {protocol['samples_per_prompt']} samples, seed {protocol['seed']}",
+                  "", f"target: {task} >= base + {TARGETS[task]:g}: "
+                  f"{'met' if m['change'][task]['diff'] >= TARGETS[task] else 'missed'}",
                   "", "| metric | base | teacher | change [95% CI] |", "|---|---|---|---|"]
         for metric, change in m["change"].items():
             lines.append(f"| {metric} | {m['base'][metric]:.3f} ± {m['base'][metric + '_se']:.3f} | "

@@ -63,3 +63,30 @@ def test_measure_gives_each_metric_with_its_error_and_the_paired_change(tmp_path
     teachers.ship("ocr", run, result, destination=tmp_path / "assets")
     text = teachers.table(tmp_path / "assets")
     assert "### ocr teacher" in text and "| ocr |" in text and "[" in text
+
+
+def test_ship_refuses_a_run_that_left_its_recipe(tmp_path):
+    run = tmp_path / "run"
+    model = models.load_base("toy")
+    adapters.add(model, "ocr", rank=2)
+    adapters.save(model, "ocr", run / "adapter")
+    cfg = teachers.recipe_config("ocr", str(run), {"lr": 5e-4, "eval_every": 3})
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    with pytest.raises(ValueError, match="lr: run 0.0005, recipe 0.001"):
+        teachers.ship("ocr", run, destination=tmp_path / "assets")
+    (run / "config.yaml").write_text(teachers.recipe_config("ocr", str(run), {"eval_every": 3}).to_yaml())
+    assert teachers.ship("ocr", run, destination=tmp_path / "assets").exists()  # cadence may differ
+
+
+@pytest.mark.parametrize("task", sorted(teachers.shipped()))
+def test_shipped_teacher_re_measured_beats_the_base(task):
+    """Sample 0 of the recorded protocol on the teacher's own task: the teacher beats the base (paired
+    95% interval above 0) and agrees with its recorded metric within three standard errors."""
+    directory = teachers.shipped()[task]
+    info = adapters.metadata(directory)
+    assert info["protocol"] == teachers.PROTOCOL and (directory / "learning_curve.csv").exists()
+    recorded = info["metrics"]
+    now = teachers.measure(task, directory, samples_per_prompt=1, tasks=(task,),
+                           n_prompts=recorded["protocol"]["n_prompts"])
+    assert now["change"][task]["low"] > 0, now["change"][task]
+    assert abs(now["teacher"][task] - recorded["teacher"][task]) <= 3 * now["teacher"][f"{task}_se"], (now, recorded)
