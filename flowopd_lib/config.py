@@ -11,7 +11,8 @@ Every trainer's settings are a dataclass deriving from `Config`, fields declared
 `ConfigError` naming the class.field, the bad value and what is allowed (`GRPOConfig.lr='fast' is
 not a float`); subclasses add cross-field rules in `check()`. `from_dict`/`from_yaml` reject
 unknown keys (a typo must not silently fall back to a default) and build nested configs;
-`to_yaml` writes what a run actually used.
+`from_settings` builds one from a notebook's parameters, None meaning the field's default (so a
+notebook re-declares no default); `to_yaml` writes what a run actually used.
 
 Types, as YAML and notebooks hand them over:
     float        ints and numeric strings ('3e-4', which YAML reads as a string) become floats;
@@ -218,6 +219,21 @@ class Config:
             said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
             raise ConfigError(f"unknown {cls.__name__} key(s): {said}; valid keys: {names}")
         return cls(**values)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], *overrides: dict[str, Any]) -> "Config":
+        """The config of a notebook's parameters, each default living here, in the dataclass.
+
+        `settings`: field -> value, None standing for the field's own default (a notebook declares
+        `lr = None` and a run spec or `-p lr=3e-4` sets it). Then each mapping in `overrides` (a
+        notebook's `extra`, a trainer's `trainer_extra` entry) sets fields explicitly, later ones
+        winning. None loses nothing as "the default": every field that may be None defaults to
+        None (tests/test_notebooks.py checks the trainers' configs). Unknown names are a
+        ConfigError naming the closest field, as in `from_dict`."""
+        values = {k: v for k, v in settings.items() if v is not None}
+        for mapping in overrides:
+            values.update(mapping)
+        return cls.from_dict(values)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":

@@ -1,12 +1,18 @@
-"""Every notebook runs top to bottom under papermill on the project kernel, with tiny parameters."""
+"""Every notebook runs top to bottom under papermill on the project kernel, with tiny parameters;
+a training notebook's settings reach its trainer's config, whose dataclass holds every default."""
+import ast
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import papermill
 import pytest
 import torch
+from papermill.iorw import load_notebook_node
+from papermill.parameterize import parameterize_notebook
 
-from flowopd_lib import adapters
+from flowopd_lib import adapters, runs, train
 from flowopd_lib.models.toy import ToyFlowModel
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -72,3 +78,125 @@ def test_notebook_runs_under_papermill(name, tmp_path, monkeypatch):
     papermill.execute_notebook(str(NOTEBOOKS / name), str(tmp_path / name), parameters=params,
                                kernel_name="flowopd", cwd=str(tmp_path), progress_bar=False)
     assert any((tmp_path / "out").glob("*.png")), "the notebook saves its figures next to its outputs"
+
+
+# ----------------------------------------------------------------------------- one source for each setting
+
+# The training notebooks, the trainers each can run, and their own parameters that are also config
+# fields: the notebook's product and inputs (set explicitly). Every other config field it declares
+# defaults to None there, which stands for the dataclass default.
+CONFIG_NOTEBOOKS = {"02_teacher_grpo.ipynb": ("grpo", "nft", "awm"), "04_flow_opd.ipynb": ("opd",)}
+NOTEBOOK_LEVEL = {"02_teacher_grpo.ipynb": {"base", "adapter", "out_dir"},
+                  "04_flow_opd.ipynb": {"base", "teachers", "init_adapter", "out_dir"}}
+# Values a config accepts for fields whose type gives none (valid names, tasks with a teacher).
+PROBES = {"datasets": {"ocr": 2.0}, "rewards": {"ocr": 2.0}, "teachers": {"ocr": "probe/teacher_ocr"},
+          "task_rewards": {"ocr": "ocr"}}
+
+
+def notebook_config(name: str, overrides: dict, tmp_path: Path):
+    """The config a notebook builds when the runner hands it `-p key=value` for each of `overrides`:
+    the runner plans a one-stage spec (its key checks, merging, out_dir), papermill injects the
+    parameters after the parameters cell, and the code cells run up to the one tagged `config`
+    (nothing is loaded or trained). Returns (config, the runner's parameters)."""
+    spec = {"name": "probe", "shared": {}, "stages": [{"name": "stage", "notebook": f"notebooks/{name}"}]}
+    flags = dict(runs.parse_override(f"{key}={json.dumps(value)}") for key, value in overrides.items())
+    [(_, _, params)] = runs.plan_stages(spec, tmp_path, flags)
+    nb = parameterize_notebook(load_notebook_node(str(NOTEBOOKS / name)), params)  # as execute_notebook does
+    namespace: dict = {}
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            exec(cell.source, namespace)
+            if "config" in cell.metadata.get("tags", []):
+                return namespace["cfg"], params
+    raise AssertionError(f"{name} has no cell tagged 'config' (the one that builds cfg)")
+
+
+def probe_value(field: dataclasses.Field, hint):
+    """A valid value of the field other than its default."""
+    if field.name in PROBES:
+        return PROBES[field.name]
+    default, choices, bounds = field.default, field.metadata.get("choices"), field.metadata.get("range")
+    if choices:
+        return next(c for c in choices if c != default)
+    kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if kind is bool:
+        return not default
+    if kind is int:
+        return (default or 0) + 1
+    if kind is float:
+        low, high = bounds or (None, None)
+        for value in ((default or 1.0) / 2, (default or 1.0) * 2, 0.5, 2.0):
+            if value != default and (low is None or value >= low) and (high is None or value <= high):
+                return value
+    if kind is str:
+        return f"probe/{field.name}"
+    raise AssertionError(f"no probe value for {field.name} ({hint}): add one to PROBES")
+
+
+CASES = [(name, trainer) for name, trainers in CONFIG_NOTEBOOKS.items() for trainer in trainers]
+
+
+@pytest.mark.parametrize("name,trainer", CASES, ids=[f"{n[:2]}-{t}" for n, t in CASES])
+def test_each_declared_setting_reaches_the_trainer_config_through_the_runner(name, trainer, tmp_path):
+    """`-p key=value` for every parameter that is a field of the trainer's config lands in the config
+    the notebook trains with; `extra` (and in notebook 02 `trainer_extra` of the chosen trainer, over
+    it) sets any other field, and wins over the flat ones, as sd35m.yaml's per-trainer beta needs."""
+    config_cls, _ = train.trainer_for(trainer)
+    fields, hints = {f.name: f for f in dataclasses.fields(config_cls)}, typing.get_type_hints(config_cls)
+    declared = runs.notebook_parameters(NOTEBOOKS / name)
+    settings = sorted((declared & set(fields)) - runs.RUNNER_PARAMETERS)
+    assert {"lr", "updates", "seed", "datasets"} <= set(settings)
+    overrides = {key: probe_value(fields[key], hints[key]) for key in settings}
+    extras = {"extra": {"checkpoint_every": 7, "weight_decay": 0.5}}
+    if "trainer" in declared:
+        other = next(t for t in CONFIG_NOTEBOOKS[name] if t != trainer)
+        extras.update(trainer=trainer, trainer_extra={trainer: {"grad_clip": 0.5, "weight_decay": 0.25},
+                                                      other: {"grad_clip": 0.125}})
+    assert not set(settings) & {"checkpoint_every", "weight_decay", "grad_clip"}  # each probe reaches alone
+    cfg, params = notebook_config(name, {**overrides, **extras}, tmp_path)
+    assert type(cfg) is config_cls
+    expected = {**overrides, **extras["extra"], **extras.get("trainer_extra", {}).get(trainer, {}),
+                "out_dir": params["out_dir"]}
+    reached = {key: getattr(cfg, key) for key in expected}
+    assert reached == expected, {k: (reached[k], v) for k, v in expected.items() if reached[k] != v}
+    more = {"trainer": trainer, "trainer_extra": {trainer: {"lr": 0.125}}} if "trainer" in declared else {}
+    cfg, _ = notebook_config(name, {"lr": 0.25, "extra": {"lr": 0.0625}, **more}, tmp_path)
+    assert cfg.lr == (0.125 if more else 0.0625)  # the explicit mappings win over a flat setting
+
+
+@pytest.mark.parametrize("name,trainer", CASES, ids=[f"{n[:2]}-{t}" for n, t in CASES])
+def test_a_notebook_left_at_its_defaults_trains_with_the_config_defaults(name, trainer, tmp_path):
+    """One default per setting: the dataclass's. Beyond its own product and inputs (NOTEBOOK_LEVEL),
+    a notebook run with nothing set trains with the trainer config's defaults."""
+    config_cls, _ = train.trainer_for(trainer)
+    cfg, _ = notebook_config(name, {"trainer": trainer} if name.startswith("02") else {}, tmp_path)
+    defaults = config_cls(**{key: getattr(cfg, key) for key in NOTEBOOK_LEVEL[name]})
+    differ = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    assert not differ, f"{name} sets {differ} itself; leave them None (the config's default) or pass them in a spec"
+    settings = {f.name for f in dataclasses.fields(config_cls)} - NOTEBOOK_LEVEL[name]
+    literal = {k: v["default"] for k, v in papermill.inspect_notebook(str(NOTEBOOKS / name)).items()
+               if k in settings and v["default"] != "None"}
+    assert not literal, f"{name}: declare these trainer settings as None (the config's default), not {literal}"
+
+
+def test_none_as_the_default_loses_no_value():
+    """Config.from_settings reads a None setting as "the field's default": every trainer config
+    field that may be None must default to None, or None could not be asked for."""
+    for stage in train.TRAINERS:
+        config_cls, _ = train.trainer_for(stage)
+        hints = typing.get_type_hints(config_cls)
+        for f in dataclasses.fields(config_cls):
+            if type(None) in typing.get_args(hints[f.name]):
+                assert f.default is None, f"{config_cls.__name__}.{f.name} may be None but defaults to {f.default!r}"
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_papermill_sees_every_name_the_parameters_cell_assigns(name):
+    """papermill skips a parameter line holding a second '=' (e.g. in its comment): the runner would
+    then refuse that parameter, and `-p` could not set it."""
+    nb = json.loads((NOTEBOOKS / name).read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    assigned = {t.id for node in ast.parse("".join(cell["source"])).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    assert assigned == runs.notebook_parameters(NOTEBOOKS / name)

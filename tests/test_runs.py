@@ -1,12 +1,15 @@
 """The papermill runner: stages in order, references between stages, skip/resume, clear failures."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
 
-from flowopd_lib import runs
+from flowopd_lib import dryrun, runs
 from flowopd_lib.models.toy import ToyFlowModel
+from flowopd_lib.trainer import OnPolicyConfig
 
 TINY_TEACHER = dict(rewards={"geneval": 1.0}, datasets={"geneval": 1.0}, updates=1, time_budget_minutes=None,
                     prompts_per_update=2, group_size=2, sde_steps=2, eval_every=1, eval_prompts=4, eval_steps=2)
@@ -115,6 +118,24 @@ def test_shipped_specs_plan_without_errors(path, tmp_path):
     """Every stage of the shipped specs names parameters its notebook declares and refers only to
     earlier stages (what `run` checks before executing anything)."""
     runs.plan_stages(runs.load_spec(path), tmp_path, {})  # raises RunError naming the stage and the fault
+    runs.plan_stages(runs.load_spec(path), tmp_path, dryrun.TINY_BUDGET)  # the dry run's -p keys are declared
+
+
+TRAINING_NOTEBOOKS = {"notebooks/02_teacher_grpo.ipynb", "notebooks/04_flow_opd.ipynb"}
+
+
+@pytest.mark.parametrize("path", sorted(runs.ROOT.glob("papermill_runs/*.yaml")), ids=lambda p: p.name)
+def test_shared_trainer_settings_reach_every_training_stage(path):
+    """A shared setting that every trainer has (an OnPolicyConfig field) reaches every stage that
+    trains: the runner hands a stage only what its notebook declares, so a training notebook that
+    did not declare it would silently train at the default (sd35m's LoRA rank once stopped at the
+    teachers and never reached Flow-OPD)."""
+    spec = runs.load_spec(path)
+    common = set(spec["shared"]) & {f.name for f in dataclasses.fields(OnPolicyConfig)}
+    for stage in spec["stages"]:
+        if stage["notebook"] in TRAINING_NOTEBOOKS:
+            missing = common - runs.notebook_parameters(runs.ROOT / stage["notebook"])
+            assert not missing, f"{stage['name']}: {stage['notebook']} does not declare shared {sorted(missing)}"
 
 
 def test_unknown_shared_and_override_keys_name_the_closest_declared_one(tmp_path):
