@@ -8,6 +8,7 @@ saved files are the format diffusers pipelines load (`load_lora_adapter` / `load
     with adapters.active(model, "ocr"): ...        # forward through one adapter
     with adapters.active(model, None): ...         # the base: all adapters off (GRPO's reference)
     with adapters.mixed(model, ["ocr", "geneval", None, ...]): ...  # each sample its own adapter
+    with torch.no_grad(), adapters.folded(model, "ocr"): ...  # one adapter at the base's cost (labels)
     adapters.save(model, "geneval", "runs/teachers/geneval")
     adapters.load(model, "runs/teachers/geneval", "geneval")
     evaluate({"base": adapters.view(model, None), "geneval": adapters.view(model, "geneval")})
@@ -199,6 +200,52 @@ def mixed(model, per_sample: list[str | None]):
         for h in handles:
             h.remove()
         transformer.set_adapter(previous if len(previous) > 1 else previous[0])
+
+
+def _lora_layers(model, name: str) -> list:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return [m for m in model.transformer.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+
+
+def foldable(model, name: str, layers: list | None = None) -> bool:
+    """Whether `folded` folds adapter `name`: plain LoRA on float32 Linear layers (no DoRA or other
+    variant, no LoRA bias). In bf16/fp16, W + s B A rounded to the weights' precision would lose most
+    of the small delta, so those run the adapter unfolded."""
+    from peft.tuners.lora.layer import Linear
+
+    _check(model, name)
+    return all(isinstance(m, Linear) and m.base_layer.weight.dtype == torch.float32 and name not in m.lora_variant
+               and m.lora_B[name].bias is None for m in (layers if layers is not None else _lora_layers(model, name)))
+
+
+@contextmanager
+def folded(model, name: str | None):
+    """Forwards without gradient through one adapter (None = the base) with its LoRA delta folded
+    into the base weights, W + s B A: one matmul per layer, so an adapter's forward costs what the
+    base's does (a frozen teacher's labels in OPD). The same function as `active(model, name)` up to
+    float rounding (as in eval mode: LoRA dropout off). The base weights are put back as they were
+    (the original tensors, nothing subtracted: repeated folds never drift). Where the adapter is not
+    `foldable` (e.g. bf16 weights) it runs unfolded, exactly as `active`."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("adapters.folded is for forwards without gradient (labels): use it under "
+                           "torch.no_grad(); train through adapters.active")
+    layers = _lora_layers(model, name) if name is not None else []
+    if name is None or not foldable(model, name, layers):
+        with active(model, name):
+            yield
+        return
+    saved = []
+    try:
+        for m in layers:
+            weight = m.base_layer.weight
+            saved.append((weight, weight.data))
+            weight.data = weight.data + m.get_delta_weight(name).to(weight.dtype)
+        with active(model, None):
+            yield
+    finally:
+        for weight, data in saved:
+            weight.data = data
 
 
 def save(model, name: str, directory: str | Path, metadata: dict | None = None) -> Path:

@@ -2,8 +2,9 @@
 
 docs/method.md section 5. Per update the student samples G SDE trajectories per prompt from its own
 policy; each prompt is routed by its task label to one teacher adapter; the teachers' (and the
-anchor's) velocities at the student's stored states are computed once, without gradient, in
-mixed-adapter batches; then one of these objectives is minimised on the trained steps:
+anchor's) velocities at the student's stored states are computed once, without gradient, each
+adapter on its own prompts with its LoRA folded into the base weights (so a teacher's forward costs
+what the base's does); then one of these objectives is minimised on the trained steps:
 
     kl             the closed-form per-step KL(student || teacher) at on-policy states (default)
     kl_rtg         kl + clipped policy gradient crediting each action with the KLs of the later
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -218,19 +219,32 @@ class OPDTrainer(OnPolicyTrainer):
         return out
 
     @torch.no_grad()
-    def velocities_through(self, traj: rollout.Trajectories, k: int, per_sample: list[str | None]) -> torch.Tensor:
-        """Velocity at step k's states, each sample through its own adapter, in one batched forward."""
-        names = per_sample * 2 if traj.uncond is not None else per_sample
-        with adapters.mixed(self.model, names):
-            return self.policy_velocity(traj, k)
+    def velocities_through(self, traj: rollout.Trajectories, steps: Sequence[int],
+                           per_sample: list[str | None]) -> torch.Tensor:
+        """Velocities [B, len(steps), ...] at the given steps' states, each sample through its own
+        adapter (None = the base): per adapter, one forward per step on that adapter's samples, with
+        its LoRA folded into the base weights once for all steps (`adapters.folded`). A teacher's
+        forward then costs what the base's does; peft's per-sample routing of one mixed batch
+        (`adapters.mixed`) cost ~1.35 base forwards (`python -m flowopd_lib.diagnostics.bench`)."""
+        out = None
+        for name in dict.fromkeys(per_sample):
+            index = torch.tensor([i for i, n in enumerate(per_sample) if n == name])
+            part = traj if len(index) == len(traj) else traj.select(index)
+            with adapters.folded(self.model, name):
+                v = torch.stack([self.policy_velocity(part, k) for k in steps], dim=1)
+            if out is None:
+                out = v.new_empty(len(traj), *v.shape[1:])
+            out[index.to(out.device)] = v
+        return out
 
     @torch.no_grad()
-    def target_velocities(self, traj: rollout.Trajectories, k: int) -> torch.Tensor:
+    def target_velocities(self, traj: rollout.Trajectories, steps: Sequence[int]) -> torch.Tensor:
+        """The routed teachers' velocities [B, len(steps), ...] (soft routing: the weighted blend)."""
         if self.cfg.routing == "hard":
-            return self.velocities_through(traj, k, self.route(traj.prompts))
+            return self.velocities_through(traj, steps, self.route(traj.prompts))
         weights = {t: self.cfg.soft_weights.get(t, 1.0) for t in self.cfg.teachers}
         total = sum(weights.values())
-        return sum(w / total * self.velocities_through(traj, k, [teacher_name(t)] * len(traj))
+        return sum(w / total * self.velocities_through(traj, steps, [teacher_name(t)] * len(traj))
                    for t, w in weights.items())
 
     # -- labels: teacher/anchor velocities at the stored states, per-step KLs, advantages
@@ -250,7 +264,7 @@ class OPDTrainer(OnPolicyTrainer):
     def label(self, traj: rollout.Trajectories, update: int):
         cfg = self.cfg
         steps = self.teacher_steps
-        v_tgt = torch.stack([self.target_velocities(traj, k) for k in range(steps)], dim=1)
+        v_tgt = self.target_velocities(traj, range(steps))
         labels = {"v_target": v_tgt, "weight": torch.ones(len(traj), device=self.acc.device)}
         kls = torch.stack([step_kl(traj.velocities[:, k], v_tgt[:, k], traj.latents[:, k], traj.sigmas[k],
                                    traj.sigmas[k + 1], cfg.noise_level, cfg.kl_scaling) for k in range(steps)], dim=1)
@@ -258,8 +272,7 @@ class OPDTrainer(OnPolicyTrainer):
             labels["advantage"] = self.objective.advantages(kls, traj, v_tgt, cfg)
         if cfg.mar_lambda > 0:
             anchor = None if cfg.anchor == "base" else self.ANCHOR
-            labels["v_anchor"] = torch.stack([self.velocities_through(traj, k, [anchor] * len(traj))
-                                              for k in range(cfg.trained_steps)], dim=1)
+            labels["v_anchor"] = self.velocities_through(traj, range(cfg.trained_steps), [anchor] * len(traj))
         return labels, self.kl_metrics(traj, kls[:, :cfg.trained_steps])
 
     def kl_metrics(self, traj: rollout.Trajectories, kls: torch.Tensor) -> dict[str, float]:

@@ -116,6 +116,35 @@ def test_mixed_adapter_labels_equal_per_adapter_forwards(tmp_path):
             assert not torch.allclose(teacher, base, atol=1e-5)  # the adapters do change the velocity
 
 
+def test_folded_adapter_forward_equals_the_lora_forward_and_leaves_the_base_as_it_was(tmp_path):
+    """adapters.folded (the teachers' labels) computes with W + s B A: the same velocities as peft's
+    LoRA forward (`active`) and as its per-sample routing (`mixed`) to 1e-5, and the base weights
+    are the same tensors with the same values afterwards."""
+    model = tiny_model()
+    for name, seed in (("g", 1), ("o", 2)):
+        adapters.load(model, save_random_adapter(tmp_path, name, seed), name)
+    x, sigma = torch.randn(4, *model.latent_shape), torch.full((4,), 0.6)
+    embeds = model.encode_prompts(["a red circle", "a blue square", "", "a sign"])
+    before = {n: (p, p.detach().clone()) for n, p in model.transformer.named_parameters()}
+    with torch.no_grad():
+        assert adapters.foldable(model, "g")
+        with adapters.active(model, "g"):
+            lora = model.velocity(x, sigma, embeds)
+        with adapters.folded(model, "g"):
+            fold = model.velocity(x, sigma, embeds)
+        with adapters.mixed(model, ["g", "o", "g", None]):
+            routed = model.velocity(x, sigma, embeds)
+        with adapters.folded(model, None):
+            base = model.velocity(x, sigma, embeds)
+    assert torch.allclose(fold, lora, atol=1e-5, rtol=1e-5) and not torch.allclose(fold, base, atol=1e-3)
+    assert torch.allclose(fold[[0, 2]], routed[[0, 2]], atol=1e-5, rtol=1e-5)
+    after = dict(model.transformer.named_parameters())
+    assert all(after[n] is p and torch.equal(p, value) for n, (p, value) in before.items())
+    with pytest.raises(RuntimeError, match="no_grad"):
+        with adapters.folded(model, "g"):
+            pass
+
+
 def test_routing_with_a_single_teacher_equals_the_single_teacher_run(tmp_path):
     g, o = save_random_adapter(tmp_path, "g", 1), save_random_adapter(tmp_path, "o", 2)
     one = OPDTrainer(tiny_model(), opd_cfg(tmp_path, {"geneval": g}, out_dir=str(tmp_path / "one")))
