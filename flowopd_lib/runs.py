@@ -4,17 +4,22 @@ A spec (YAML, see papermill_runs/) names the run, parameters shared by every sta
 order, each a notebook with its own parameters:
 
     name: toy_quick
-    shared: {seed: 0, eval_prompts: 48}
+    shared: {seed: 0, eval_prompts: 90}
     stages:
-      - name: teacher_geneval
-        notebook: notebooks/02_teacher_grpo.ipynb
-        parameters: {adapter: geneval, rewards: {geneval: 1.0}, datasets: {geneval: 1.0}}
       - name: coldstart
         notebook: notebooks/03_cold_start.ipynb
-        parameters: {teachers: {geneval: "{teacher_geneval}/adapter"}}
+        parameters: {teachers: {geneval: "{teachers}/geneval", ocr: "{teachers}/ocr"}, merge_methods: [delta]}
+      - name: opd_merge
+        notebook: notebooks/04_flow_opd.ipynb
+        parameters: {teachers: {geneval: "{teachers}/geneval", ocr: "{teachers}/ocr"},
+                     init_adapter: "{coldstart}/merge_delta", updates: 20}
 
 `{stage}` in a parameter value is that stage's output directory (what a stage consumes from an
-earlier one); every stage gets `out_dir` = papermill_runs/outputs/<run>/<stage>, and only the
+earlier one), and `{teachers}` is the folder of the shipped toy teachers, flowopd_lib/assets/teachers
+(`python -m flowopd_lib.teachers ship <task>` puts them there), so `"{teachers}/geneval"` is the
+shipped GenEval teacher's adapter directory: a spec uses it without a stage that trains it. A
+stage that names a teacher not shipped yet stops the run before anything starts, saying how to
+train and ship it. Every stage gets `out_dir` = papermill_runs/outputs/<run>/<stage>, and only the
 shared parameters its notebook declares (papermill's `inspect_notebook`: the names assigned in
 its `parameters` cell). A shared or `-p` key that no stage's notebook declares is an error naming
 the closest declared one (a misspelt `time_budget_minuts` must not run the full budget), and so
@@ -24,20 +29,24 @@ stage adding `extra: {gradient_checkpointing: true}` keeps the shared `extra: {r
 micro_batch: 4}`. Other mappings (rewards, datasets, teachers) are one choice each and are
 replaced whole: blending a stage's `rewards: {ocr: 1}` into a shared `{geneval: 1}` would train
 on both. Stages whose notebook declares `eval_cache` share the
-run's `eval_cache/` folder, so each adapter is evaluated once per run (the summary reuses the
-stages' numbers). A finished stage leaves `.done` and is skipped when the run is repeated; an
+run's `eval_cache/` folder, so an adapter is evaluated once per run under each protocol (the
+base and the teachers once for all the stages' tables; the summary's per-sample scores are a
+protocol of their own, computed once and reused by a repeated summary). A finished stage leaves `.done` and is skipped when the run is repeated; an
 interrupted stage re-runs and its trainer resumes from its checkpoints. A stage whose parameters
 differ from those it ran with (an edited spec, another `-p`), and every stage that consumes it,
 re-runs from scratch: its old folder is kept as `<stage>.previous`, so nothing stale is skipped or
 resumed. The shipped toy assets (base model, PickScore scorer, prompt files) count as inputs of
-every stage on the toy base: one that ran on other assets (a retrained base) re-runs the same
-way. A failing stage stops the run naming the notebook, the cell and the error; everything
-produced so far stays. The run directory also holds the spec, the git commit and package versions.
+every stage on the toy base, and each shipped teacher a stage names (a path under the teachers
+folder, e.g. from `{teachers}/ocr`) as an input of that stage: a stage that ran on other assets
+(a retrained base) or another teacher (a re-shipped one) re-runs the same way, with its
+consumers; shipping one teacher leaves the stages that do not name it alone. A failing stage
+stops the run naming the notebook, the cell and the error; everything produced so far stays. The run directory also holds the spec, the git commit and package versions.
 
     python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N]
 
-`--jobs N` runs up to N stages at once, each as soon as the stages it refers to are done (the
-teachers side by side, then the stages that consume them), with cores / N threads each.
+`--jobs N` runs up to N stages at once, in spec order, each as soon as the stages it refers to are
+done (independent trainings side by side, then the stages that consume them), with cores / N
+threads each.
 """
 from __future__ import annotations
 
@@ -60,6 +69,8 @@ OUTPUTS = ROOT / "papermill_runs" / "outputs"
 KERNEL = "flowopd"
 _NAME = r"[A-Za-z0-9_]+"                # what a stage name may hold, so that {name} refers to it
 _REF = re.compile(r"\{(%s)\}" % _NAME)
+SHIPPED_TEACHERS = ROOT / "flowopd_lib" / "assets" / "teachers"  # teachers.ASSETS (not imported: torch)
+PLACEHOLDERS = {"teachers": SHIPPED_TEACHERS}  # {name} -> a folder outside the run (docstring); not stage names
 MERGED_PARAMETERS = {"extra"}           # mappings of independent settings: merged key by key (docstring)
 RUNNER_PARAMETERS = {"out_dir"}         # set by the runner for every stage
 
@@ -86,7 +97,16 @@ def load_spec(path: str | Path) -> dict:
             raise RunError(f"{path}: stage {stage['name']!r}: notebook {stage['notebook']} does not exist")
     if len(set(names)) != len(names):
         raise RunError(f"{path}: stage names repeat: {names}")
+    reserved = sorted(set(names) & set(PLACEHOLDERS))
+    if reserved:
+        raise RunError(f"{path}: stage name(s) {reserved} are taken: {{{reserved[0]}}} is "
+                       f"{shown(PLACEHOLDERS[reserved[0]])}; rename the stage")
     return spec
+
+
+def shown(path: Path) -> str:
+    """The path relative to the repository when inside it (messages), else as it is."""
+    return str(path.relative_to(ROOT)) if ROOT in path.parents else str(path)
 
 
 def notebook_parameters(notebook: Path) -> set[str]:
@@ -132,12 +152,15 @@ def merge_parameters(base: dict, update: dict) -> dict:
 
 
 def resolve(value, stage_dirs: dict[str, Path], stage: str):
-    """Replace `{stage}` references in strings (recursively in lists and dicts) by output directories."""
+    """Replace `{stage}` references in strings (recursively in lists and dicts) by output directories,
+    and the PLACEHOLDERS (`{teachers}`) by their folders."""
     if isinstance(value, str):
         def sub(m):
+            if m.group(1) in PLACEHOLDERS:
+                return str(PLACEHOLDERS[m.group(1)])
             if m.group(1) not in stage_dirs:
                 raise RunError(f"stage {stage!r} refers to {{{m.group(1)}}}, which is not an earlier stage "
-                               f"(earlier: {sorted(stage_dirs)})")
+                               f"(earlier: {sorted(stage_dirs)}) nor one of {sorted('{%s}' % p for p in PLACEHOLDERS)}")
             return str(stage_dirs[m.group(1)])
         return _REF.sub(sub, value)
     if isinstance(value, list):
@@ -180,7 +203,7 @@ def run_stage(stage: dict, params: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / Path(stage["notebook"]).name
     (out_dir / "parameters.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (out_dir / "shipped_assets.sha256").write_text(shipped_assets_fingerprint() + "\n")
+    (out_dir / "shipped_assets.sha256").write_text(shipped_inputs_record(params))
     try:
         with open(out_dir / "log.txt", "w") as log:
             papermill.execute_notebook(str(ROOT / stage["notebook"]), str(executed), parameters=params,
@@ -213,16 +236,61 @@ def plan_stages(spec: dict, run_dir: Path, overrides: dict | None = None) -> lis
     return plan
 
 
-def shipped_assets_fingerprint() -> str:
-    """sha256 over the files of flowopd_lib/assets (names and bytes): what the toy world ships.
-    Not cached: a stage that ships a retrained base changes it for the stages after it (~10 ms)."""
-    from .models import ASSETS
-
+def files_fingerprint(folder: Path, skip: Path | None = None) -> str:
+    """sha256 over the files under `folder` (relative names and bytes), leaving out those under `skip`."""
     h = hashlib.sha256()
-    for path in sorted(p for p in ASSETS.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(ASSETS)).encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not (skip and skip in p.parents)):
+        h.update(str(path.relative_to(folder)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def shipped_assets_fingerprint() -> str:
+    """sha256 over the files of flowopd_lib/assets but the shipped teachers: what the toy world ships
+    to every stage (base, PickScore scorer, prompts). The teachers count only for the stages that
+    name them (`shipped_teachers_used`). Not cached: a stage that ships a retrained base changes it
+    for the stages after it (~10 ms)."""
+    from .models import ASSETS
+
+    return files_fingerprint(ASSETS, skip=SHIPPED_TEACHERS)
+
+
+def shipped_teachers_used(params) -> dict[str, Path]:
+    """task -> directory of each shipped teacher that `params` names: any string (in lists and dicts
+    too) that is a path under the teachers folder, absolute or relative to the repository, e.g.
+    `{teachers}/geneval` resolved; the folder itself names every shipped teacher."""
+    found: dict[str, Path] = {}
+    if isinstance(params, dict):
+        for value in params.values():
+            found.update(shipped_teachers_used(value))
+    elif isinstance(params, list):
+        for value in params:
+            found.update(shipped_teachers_used(value))
+    elif isinstance(params, str) and params and "\n" not in params:
+        path = Path(os.path.normpath(ROOT / params))  # ROOT / an absolute path is that path
+        if path == SHIPPED_TEACHERS:
+            found.update({d.name: d for d in sorted(SHIPPED_TEACHERS.glob("*")) if d.is_dir()})
+        elif SHIPPED_TEACHERS in path.parents:
+            name = path.relative_to(SHIPPED_TEACHERS).parts[0]
+            found[name] = SHIPPED_TEACHERS / name
+    return found
+
+
+def shipped_teacher_lines(params: dict) -> list[str]:
+    """`teacher <task> <sha256 of its folder>` for each shipped teacher the stage names, by task."""
+    return [f"teacher {name} {files_fingerprint(d) if d.exists() else 'missing'}"
+            for name, d in sorted(shipped_teachers_used(params).items())]
+
+
+def shipped_inputs_record(params: dict) -> str:
+    """What a stage records in shipped_assets.sha256: the shipped assets' fingerprint, then one line
+    per shipped teacher it names (a stage naming none records the fingerprint alone)."""
+    return "\n".join([shipped_assets_fingerprint(), *shipped_teacher_lines(params)]) + "\n"
+
+
+def missing_teachers(params: dict) -> dict[str, Path]:
+    """The shipped teachers `params` names whose folder holds no teacher (adapter.json) yet."""
+    return {name: d for name, d in shipped_teachers_used(params).items() if not (d / "adapter.json").exists()}
 
 
 def on_toy_base(stage: dict, params: dict) -> bool:
@@ -232,16 +300,20 @@ def on_toy_base(stage: dict, params: dict) -> bool:
 
 
 def inputs_changed(out_dir: Path, params: dict, on_shipped_assets: bool) -> bool:
-    """Whether the stage folder holds a run made with other parameters (its parameters.yaml) or,
-    for a stage on the shipped assets, on other ones (its shipped_assets.sha256; a run from before
-    that file counts as other)."""
+    """Whether the stage folder holds a run made with other parameters (its parameters.yaml), for a
+    stage on the shipped assets on other ones, or with other shipped teachers than those its
+    parameters name now (both in its shipped_assets.sha256; a run from before that file counts as
+    other)."""
     recorded = out_dir / "parameters.yaml"
     if not recorded.exists():
         return False
     if yaml.safe_load(recorded.read_text()) != yaml.safe_load(yaml.safe_dump(params)):
         return True
     assets = out_dir / "shipped_assets.sha256"
-    return on_shipped_assets and (not assets.exists() or assets.read_text().strip() != shipped_assets_fingerprint())
+    lines = assets.read_text().splitlines() if assets.exists() else []
+    if on_shipped_assets and lines[:1] != [shipped_assets_fingerprint()]:
+        return True
+    return lines[1:] != shipped_teacher_lines(params)
 
 
 def set_aside(out_dir: Path) -> Path:
@@ -262,6 +334,16 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
         if name not in names:
             raise RunError(f"no stage {name!r} in {spec_path}; stages: {names}")
     plan = plan_stages(spec, run_dir, overrides)  # before anything runs: spec errors fail fast
+    started = start is None
+    for stage, _, params in plan:  # a selected stage naming a teacher not shipped yet: say so before anything runs
+        started = started or stage["name"] == start
+        missing = missing_teachers(params) if started and (not only or stage["name"] in only) else {}
+        if missing:
+            name = sorted(missing)[0]
+            raise RunError(f"stage {stage['name']!r} uses the shipped teacher(s) {sorted(missing)}, not shipped yet "
+                           f"(no {shown(missing[name] / 'adapter.json')}): train and ship each with "
+                           f"`python -m flowopd_lib.teachers train {name} --out runs/teachers/{name}` and "
+                           f"`python -m flowopd_lib.teachers ship {name} --run runs/teachers/{name}`")
     write_provenance(run_dir, spec, overrides)
     started, todo, changed = False, [], set()
     for stage, out_dir, params in plan:
@@ -300,8 +382,8 @@ def execute_stage(run_name: str, stage: dict, params: dict, out_dir: Path) -> No
 
 
 def dependencies(stage: dict) -> set[str]:
-    """Names of the stages whose outputs `stage` refers to (`{name}` in its parameters)."""
-    return set(_REF.findall(json.dumps(stage.get("parameters", {}))))
+    """Names of the stages whose outputs `stage` refers to (`{name}` in its parameters; not `{teachers}`)."""
+    return set(_REF.findall(json.dumps(stage.get("parameters", {})))) - set(PLACEHOLDERS)
 
 
 def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict, outputs: Path, jobs: int) -> None:

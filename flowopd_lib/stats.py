@@ -8,6 +8,12 @@ the prompts' strata [P]; `evaluation.sample_scores` makes them from images.
 
     value, se = metric_and_se(per_prompt, strata)
     diff, low, high = paired_difference(per_prompt_a, per_prompt_b, strata)   # same prompts, same noise
+    ratio, low, high = paired_ratio(per_prompt_a, per_prompt_b, strata)        # metric(a) / metric(b)
+
+`paired_bootstrap` is the general form (`claims` uses it): any statistic of several models' metrics,
+where a model may have replicates (e.g. training seeds, [seeds, P]): each bootstrap draw resamples
+the prompts (within strata, the same draw for every model) and each model's seeds with replacement,
+so the interval covers seed-to-seed variation as well as the choice of prompts.
 """
 from __future__ import annotations
 
@@ -52,3 +58,44 @@ def paired_difference(per_prompt_a, per_prompt_b, strata, n_boot: int = 2000, le
     tail = (1 - level) / 2
     low, high = np.quantile(boots, [tail, 1 - tail])
     return metric(diff, strata), float(low), float(high)
+
+
+def _replicates(samples) -> np.ndarray:
+    """[replicates, prompts] float array from [prompts] or [replicates, prompts]."""
+    array = np.asarray(samples, dtype=float)
+    return array[None] if array.ndim == 1 else array
+
+
+def paired_bootstrap(statistic, samples, strata, n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """statistic(metric_1, ..., metric_k) of k models' metrics on the same prompts, and its percentile
+    bootstrap interval. samples: one array per model, per-prompt scores [P] or [replicates, P] (a
+    model's replicates, e.g. training seeds, are averaged prompt by prompt). The estimate is the
+    statistic of the metrics of those averages; each draw resamples prompts within each stratum (the
+    same draw for every model: paired) and each model's replicates with replacement. `statistic`
+    must work elementwise on arrays of draws (e.g. np.subtract, np.divide)."""
+    arrays = [_replicates(s) for s in samples]
+    strata = np.asarray(strata)
+    if any(a.shape[1] != len(strata) for a in arrays):
+        raise ValueError(f"paired scores must cover the same prompts: {[a.shape[1] for a in arrays]} prompts, "
+                         f"{len(strata)} strata labels")
+    groups = _groups(strata)
+    rng = np.random.default_rng(seed)
+    prompt_draws = [rng.integers(0, len(g), size=(n_boot, len(g))) for g in groups]
+    metrics = []
+    for a in arrays:
+        pooled = a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1)  # [n_boot, P]
+        metrics.append(np.mean([np.take_along_axis(pooled[:, g], d, axis=1).mean(axis=1)
+                                for g, d in zip(groups, prompt_draws)], axis=0))
+    estimate = statistic(*[metric(a.mean(axis=0), strata) for a in arrays])
+    tail = (1 - level) / 2
+    low, high = np.quantile(statistic(*metrics), [tail, 1 - tail])
+    return float(estimate), float(low), float(high)
+
+
+def paired_ratio(per_prompt_a, per_prompt_b, strata, n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """metric(a) / metric(b) on the same prompts (each [P], or [replicates, P]) and its paired
+    percentile bootstrap interval (`paired_bootstrap`): the ratio of the stratified means, not the
+    mean of per-prompt ratios."""
+    return paired_bootstrap(np.divide, [per_prompt_a, per_prompt_b], strata, n_boot, level, seed)

@@ -6,6 +6,9 @@ writes `<table>_table.csv` / `.md` into its folder; `render` turns that folder i
 (docs/results.md) with the run's command, commit and protocol, so no number is typed by hand:
 
     python -m flowopd_lib.summary papermill_runs/outputs/toy_full --out docs/results.md
+
+With roles (`claims`), notebook 05 also writes the paper's claims with their verdicts
+(`save_claims`: claims_table.csv / .md); the page shows them first.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from . import adapters, evaluation
+from . import adapters, claims, evaluation
 
 METRICS = ("geneval", "ocr", "pickscore", "pickscore_true", "deqa")
 
@@ -79,10 +82,19 @@ def save(name: str, table: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
     return shown
 
 
+def save_claims(overview: pd.DataFrame, detail: pd.DataFrame, out_dir: str | Path) -> None:
+    """claims_table.csv (every comparison, numbers), claims_overview.csv (a verdict per claim) and
+    claims_table.md (`claims.markdown`: both, with what the verdicts mean) in out_dir."""
+    out_dir = Path(out_dir)
+    detail.to_csv(out_dir / "claims_table.csv", index=False)
+    overview.to_csv(out_dir / "claims_overview.csv", index=False)
+    (out_dir / "claims_table.md").write_text(claims.markdown(overview, detail) + "\n")
+
+
 def render(run_dir: str | Path, summary_stage: str = "summary") -> str:
-    """Markdown of a run's summary tables, each under its name, headed by the run's command, commit,
-    spec name and evaluation protocol (from the run's provenance.json, spec.yaml and the summary's
-    parameters.yaml)."""
+    """Markdown of a run's summary tables, each under its name (the claims first), headed by the
+    run's command, commit, spec name and evaluation protocol (from the run's provenance.json,
+    spec.yaml and the summary's parameters.yaml)."""
     run_dir = Path(run_dir)
     folder = run_dir / summary_stage
     provenance = json.loads((run_dir / "provenance.json").read_text())
@@ -97,7 +109,7 @@ def render(run_dir: str | Path, summary_stage: str = "summary") -> str:
              + f", started {provenance.get('started')} on {provenance.get('torch_threads')} torch threads",
              f"- evaluation protocol: {', '.join(f'{k} {v}' for k, v in protocol.items())}; every model on the same "
              "prompts and noise; ± is one standard error over prompts", ""]
-    for path in sorted(folder.glob("*_table.md")):
+    for path in sorted(folder.glob("*_table.md"), key=lambda p: (p.name != "claims_table.md", p.name)):
         lines += [f"## {path.name.removesuffix('_table.md')}", "", path.read_text().strip(), ""]
     return "\n".join(lines) + "\n"
 

@@ -32,7 +32,9 @@ TINY = {
     "05_ablations.ipynb": dict(base=TINY_BASE, main={"base": None, "teacher geneval": "<teacher:geneval>",
                                                       "teacher ocr": "<teacher:ocr>"},
                                seesaw={"base": None, "+geneval": "<teacher:geneval>"},
-                               estimators={"kl": "<teacher:geneval>"}, eval_prompts=4, eval_steps=2),
+                               estimators={"kl": "<teacher:geneval>"}, eval_prompts=4, eval_steps=2,
+                               claims={"base": "base", "teachers": {"geneval": "teacher geneval", "ocr": "teacher ocr"},
+                                       "seesaw": {"start": "base", "geneval": "+geneval"}}),
     "02_teacher_grpo.ipynb": dict(trainer="nft", lr=None, beta=None, extra={"train_timesteps": 2},  # grpo: test_runs
                                   base=TINY_BASE, rewards={"geneval": 1.0}, datasets={"geneval": 1.0}, updates=2,
                                   time_budget_minutes=None, prompts_per_update=2, group_size=2, sde_steps=2,

@@ -90,6 +90,145 @@ def test_a_stage_that_ran_on_other_shipped_assets_counts_as_changed(tmp_path, mo
             assert 'base = \\"toy\\"' in notebook.read_text(), f"{notebook.name}: its default base is not the toy base"
 
 
+@pytest.fixture()
+def shipped(tmp_path, monkeypatch):
+    """A stand-in assets folder (a base file, two shipped teachers) in place of flowopd_lib/assets."""
+    import flowopd_lib.models
+
+    assets = tmp_path / "assets"
+    (assets / "base_toy").mkdir(parents=True)
+    (assets / "base_toy" / "model.safetensors").write_bytes(b"base")
+    for task in ("geneval", "ocr"):
+        (assets / "teachers" / task).mkdir(parents=True)
+        (assets / "teachers" / task / "adapter.json").write_text("{}")
+        (assets / "teachers" / task / "pytorch_lora_weights.safetensors").write_bytes(task.encode())
+    monkeypatch.setattr(flowopd_lib.models, "ASSETS", assets)
+    monkeypatch.setattr(runs, "SHIPPED_TEACHERS", assets / "teachers")
+    monkeypatch.setattr(runs, "PLACEHOLDERS", {"teachers": assets / "teachers"})
+    return assets
+
+
+def test_teachers_placeholder_names_the_shipped_teachers_without_a_stage(tmp_path):
+    from flowopd_lib import teachers
+
+    assert runs.SHIPPED_TEACHERS == teachers.ASSETS == runs.PLACEHOLDERS["teachers"]
+    spec = {"name": "s", "shared": {}, "stages": [
+        {"name": "coldstart", "notebook": "notebooks/03_cold_start.ipynb",
+         "parameters": {"teachers": {"geneval": "{teachers}/geneval", "ocr": "{teachers}/ocr"}}},
+        {"name": "opd", "notebook": "notebooks/04_flow_opd.ipynb",
+         "parameters": {"teachers": {"geneval": "{teachers}/geneval"}, "init_adapter": "{coldstart}/merge_delta",
+                        "anchor": "{teachers}/deqa"}}]}
+    plan = {stage["name"]: params for stage, _, params in runs.plan_stages(spec, tmp_path, {})}
+    assert plan["coldstart"]["teachers"] == {"geneval": str(teachers.ASSETS / "geneval"),
+                                             "ocr": str(teachers.ASSETS / "ocr")}
+    assert plan["opd"]["anchor"] == str(teachers.ASSETS / "deqa")
+    assert plan["opd"]["init_adapter"] == str(tmp_path / "coldstart" / "merge_delta")
+    assert runs.dependencies(spec["stages"][1]) == {"coldstart"}  # {teachers} is no stage to wait for
+    assert set(runs.shipped_teachers_used(plan["opd"])) == {"geneval", "deqa"}
+    assert set(runs.shipped_teachers_used({"teachers": "flowopd_lib/assets/teachers/ocr/"})) == {"ocr"}  # relative
+    assert not runs.shipped_teachers_used({"init_adapter": str(tmp_path / "coldstart"), "routing": "hard"})
+    path = tmp_path / "spec.yaml"  # a stage may not take the placeholder's name
+    path.write_text(yaml.safe_dump({**spec, "stages": [{**spec["stages"][0], "name": "teachers"}]}))
+    with pytest.raises(runs.RunError, match=r"\['teachers'\] are taken"):
+        runs.load_spec(path)
+
+
+@pytest.mark.parametrize("path", sorted(runs.ROOT.glob("papermill_runs/toy_*.yaml")), ids=lambda p: p.name)
+def test_toy_specs_name_shipped_teachers_that_have_recipes(path, tmp_path):
+    """Each `{teachers}/<task>` of a toy spec is a teacher `python -m flowopd_lib.teachers train` makes."""
+    from flowopd_lib import teachers
+
+    used = set()
+    for _, _, params in runs.plan_stages(runs.load_spec(path), tmp_path, {}):
+        used |= set(runs.shipped_teachers_used(params))
+    assert used and used <= set(teachers.RECIPES)
+
+
+def stage_config(notebook: str, params: dict):
+    """The trainer config a training notebook builds from the runner's parameters: its code cells up
+    to the one tagged `config` (nothing is loaded or trained), as tests/test_notebooks.py does."""
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    nb = parameterize_notebook(load_notebook_node(str(runs.ROOT / notebook)), params)
+    namespace: dict = {}
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            exec(cell.source, namespace)
+            if "config" in cell.metadata.get("tags", []):
+                return namespace["cfg"]
+    raise AssertionError(f"{notebook} has no cell tagged 'config'")
+
+
+def test_toy_full_mix_and_seesaw_train_with_the_teachers_trainer_and_settings(tmp_path):
+    """The NFT Mix, cold start + Mix and seesaw stages train as the shipped teachers were trained
+    (teachers.RECIPES), on the teachers' protocol (CFG 1); only what makes them a Mix or a seesaw step
+    (rewards, prompts, budget, start) differs; Flow-GRPO-Mix and Flow-OPD run at CFG 1 too."""
+    from flowopd_lib import teachers
+
+    recipe = yaml.safe_load(teachers.recipe_config("geneval", "x").to_yaml())
+    own = {"adapter", "out_dir", "init_adapter", "rewards", "datasets", "dataset_mode", "reward_routing", "updates",
+           "eval_every", "checkpoint_every"}
+    plan = runs.plan_stages(runs.load_spec(runs.ROOT / "papermill_runs/toy_full.yaml"), tmp_path, {})
+    nft = [(stage, params) for stage, _, params in plan if params.get("trainer") == "nft"]
+    assert {stage["name"] for stage, _ in nft} == {"mix_nft", "mix_nft_alternate", "coldstart_mix", "seesaw_ocr",
+                                                  "seesaw_pickscore", "seesaw_deqa"}
+    for stage, params in nft:
+        cfg = yaml.safe_load(stage_config(stage["notebook"], params).to_yaml())
+        differ = {k: (cfg[k], v) for k, v in recipe.items() if k not in own and cfg[k] != v}
+        assert not differ, f"{stage['name']} trains unlike the teachers: (stage, recipe) {differ}"
+    for stage, _, params in plan:
+        assert params.get("eval_cfg", 1.0) == 1.0 and params.get("cfg_scale", 1.0) == 1.0, stage["name"]
+        if stage["notebook"] in TRAINING_NOTEBOOKS:
+            assert stage_config(stage["notebook"], params).cfg_scale == 1.0
+            assert params.get("time_budget_minutes") is None, f"{stage['name']}: budget it in updates"
+
+
+def test_shipped_teachers_are_inputs_of_the_stages_that_name_them(shipped, tmp_path, monkeypatch, capsys):
+    """Re-shipping a teacher re-runs the stages that name it and their consumers, and no other
+    stage; the base's fingerprint leaves the teachers out (shipping one re-runs nothing else)."""
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: None)  # the runner's decisions only
+    spec = {"name": "s", "shared": {}, "stages": [
+        {"name": "opd_geneval", "notebook": "notebooks/04_flow_opd.ipynb",
+         "parameters": {"teachers": {"geneval": "{teachers}/geneval"}}},
+        {"name": "summary", "notebook": "notebooks/05_ablations.ipynb",
+         "parameters": {"main": {"student": "{opd_geneval}/adapter"}}},
+        {"name": "opd_ocr", "notebook": "notebooks/04_flow_opd.ipynb",
+         "parameters": {"teachers": {"ocr": "{teachers}/ocr"}}}]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "outputs"
+    run_dir = runs.run(path, outputs=out)
+    record = (run_dir / "opd_geneval" / "shipped_assets.sha256").read_text().splitlines()
+    assert record[0] == runs.shipped_assets_fingerprint() and record[1].startswith("teacher geneval ")
+    assert len(record) == 2 and (run_dir / "summary" / "shipped_assets.sha256").read_text().count("\n") == 1
+    before = runs.shipped_assets_fingerprint()
+    (shipped / "teachers" / "geneval" / "pytorch_lora_weights.safetensors").write_bytes(b"re-shipped")
+    assert runs.shipped_assets_fingerprint() == before  # the teachers are not part of every stage's inputs
+    params = yaml.safe_load((run_dir / "opd_ocr" / "parameters.yaml").read_text())
+    assert not runs.inputs_changed(run_dir / "opd_ocr", params, True)
+    assert runs.inputs_changed(run_dir / "opd_geneval", yaml.safe_load(
+        (run_dir / "opd_geneval" / "parameters.yaml").read_text()), False)  # whatever the base
+    capsys.readouterr()
+    runs.run(path, outputs=out)
+    printed = capsys.readouterr().out
+    assert "opd_ocr: done, skipped" in printed
+    assert printed.count("changed since it ran; re-running") == 2  # opd_geneval and its consumer
+    assert (run_dir / "opd_geneval.previous").exists() and (run_dir / "summary.previous").exists()
+    runs.run(path, outputs=out)
+    assert capsys.readouterr().out.count("done, skipped") == 3
+    # a teacher not shipped yet stops the run before any stage starts, saying how to make it
+    spec["stages"][2]["parameters"]["teachers"] = {"pickscore": "{teachers}/pickscore"}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(runs.RunError, match=r"opd_ocr.*\['pickscore'\], not shipped yet.*"
+                                            r"flowopd_lib.teachers train pickscore"):
+        runs.run(path, outputs=out)
+    assert not (run_dir / "opd_ocr.previous").exists()
+    runs.run(path, outputs=out, only=["summary"])  # unless the stages that name it are not selected
+
+
 def test_a_failing_stage_names_notebook_cell_and_error(spec, tmp_path):
     data = yaml.safe_load(spec.read_text())
     data["stages"][0]["parameters"]["rewards"] = {"no_such_reward": 1.0}
@@ -148,12 +287,13 @@ def test_unknown_shared_and_override_keys_name_the_closest_declared_one(tmp_path
         runs.plan_stages({**spec, "shared": {**spec["shared"], "eval_promts": 4}}, tmp_path, {})
     with pytest.raises(runs.RunError, match="out_dir is set by the runner.*--outputs"):
         runs.plan_stages(spec, tmp_path, {"out_dir": "elsewhere"})
-    stage = {**spec["stages"][0], "parameters": {**spec["stages"][0]["parameters"], "bta": 0.1}}
-    with pytest.raises(runs.RunError, match=r"teacher_geneval.*no parameter\(s\) 'bta' \(did you mean 'beta'\?\)"):
+    opd = next(stage for stage in spec["stages"] if stage["name"] == "opd_merge")
+    stage = {**opd, "parameters": {**opd["parameters"], "mar_lamda": 0.1}}
+    with pytest.raises(runs.RunError, match=r"opd_merge.*no parameter\(s\) 'mar_lamda' \(did you mean 'mar_lambda'\?\)"):
         runs.plan_stages({**spec, "stages": [stage]}, tmp_path, {})
     # a key that only some stages declare is valid: it goes to those stages alone
     plan = {stage["name"]: params for stage, _, params in runs.plan_stages(spec, tmp_path, {"sft_steps": 3})}
-    assert plan["coldstart"]["sft_steps"] == 3 and "sft_steps" not in plan["teacher_geneval"]
+    assert plan["coldstart"]["sft_steps"] == 3 and "sft_steps" not in plan["opd_merge"]
     with pytest.raises(SystemExit, match="time_budget_minutes"):  # the command line says it before running
         runs.main([str(runs.ROOT / "papermill_runs/toy_quick.yaml"), "-p", "time_budget_minuts=0.1",
                    "--outputs", str(tmp_path / "outputs")])

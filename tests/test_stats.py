@@ -32,6 +32,45 @@ def test_paired_difference_of_a_constant_shift_is_exact_and_pairing_removes_prom
     with pytest.raises(ValueError, match="same prompts"):
         stats.paired_difference(a, b[:10], ["x"] * 200)
 
+def test_paired_ratio_of_a_scaled_model_is_exact_and_uses_stratified_means():
+    rng = np.random.default_rng(2)
+    b = rng.uniform(0.2, 1.0, size=60)
+    strata = ["a"] * 20 + ["b"] * 40
+    assert stats.paired_ratio(0.9 * b, b, strata) == pytest.approx((0.9, 0.9, 0.9))
+    a = b + rng.normal(size=60) * 0.1
+    ratio, _, _ = stats.paired_ratio(a, b, strata)
+    assert ratio == pytest.approx((a[:20].mean() + a[20:].mean()) / (b[:20].mean() + b[20:].mean()))
+    assert ratio != pytest.approx(np.mean(a / b), abs=1e-4)  # not the mean of per-prompt ratios
+
+
+def test_paired_ratio_interval_matches_the_delta_method():
+    rng = np.random.default_rng(3)
+    n = 400
+    b = 1.0 + rng.normal(size=n) * 0.3
+    a = 0.8 * b + rng.normal(size=n) * 0.1
+    ratio, low, high = stats.paired_ratio(a, b, ["x"] * n, n_boot=4000)
+    # var(mean a / mean b) ~ var(a - R b) / (n mean(b)^2)
+    se = np.std(a - ratio * b, ddof=1) / np.sqrt(n) / b.mean()
+    assert low < ratio < high
+    assert (high - low) == pytest.approx(2 * 1.96 * se, rel=0.15)
+
+
+def test_paired_bootstrap_resamples_seeds_as_well_as_prompts():
+    rng = np.random.default_rng(4)
+    b = rng.normal(size=50)
+    # two seeds of model a, shifted by 0 and 1: seed resampling alone gives means 0, 0.5, 1 with
+    # chances 1/4, 1/2, 1/4, so the 95% interval of the difference is exactly [0, 1] around 0.5
+    diff, low, high = stats.paired_bootstrap(np.subtract, [np.stack([b, b + 1]), b], ["x"] * 50)
+    assert (diff, low, high) == pytest.approx((0.5, 0.0, 1.0))
+    # one seed: the same interval as paired_difference (other draws, so up to bootstrap noise)
+    a = b + 0.1 + rng.normal(size=50) * 0.05
+    one = stats.paired_bootstrap(np.subtract, [a, b], ["x"] * 50)
+    two = stats.paired_difference(a, b, ["x"] * 50)
+    assert one[0] == pytest.approx(two[0]) and one[1:] == pytest.approx(two[1:], abs=0.005)
+    with pytest.raises(ValueError, match="same prompts"):
+        stats.paired_bootstrap(np.subtract, [a, b[:10]], ["x"] * 50)
+
+
 def test_sample_scores_summarise_and_compare_on_ground_truth_and_blank_images(monkeypatch):
     """A 'model' that draws the ground truth against one that draws blank canvases."""
 
