@@ -37,7 +37,9 @@ def test_ship_writes_the_protocol_and_command(tmp_path):
     model = models.load_base("toy")
     adapters.add(model, "ocr", rank=2)
     adapters.save(model, "ocr", run / "adapter", {"updates": 5})
+    adapters.save(model, "ocr", run / "sft" / "adapter", {"sft_on_renders": {"steps": 7}})
     target = teachers.ship("ocr", run, metrics={"ocr": 0.5}, destination=tmp_path / "assets")
+    assert json.loads((target / "adapter.json").read_text())["cold_start"]["sft_on_renders"] == {"steps": 7}
     info = json.loads((target / "adapter.json").read_text())
     assert info["protocol"] == teachers.PROTOCOL and info["trainer"] == teachers.RECIPES["ocr"][0]
     assert info["command"].startswith("python -m flowopd_lib.teachers train ocr") and info["metrics"] == {"ocr": 0.5}
