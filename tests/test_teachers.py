@@ -82,13 +82,14 @@ def test_ship_refuses_a_run_that_left_its_recipe(tmp_path):
 
 @pytest.mark.parametrize("task", sorted(teachers.shipped()))
 def test_shipped_teacher_re_measured_beats_the_base(task):
-    """Sample 0 of the recorded protocol on the teacher's own task: the teacher beats the base (paired
-    95% interval above 0) and agrees with its recorded metric within three standard errors."""
+    """The recorded protocol on the teacher's own task: the teacher beats the base (paired 95% interval
+    above 0) and agrees with its recorded metric within three standard errors. (One sample per prompt
+    is not enough: the OCR teacher's +0.07 then has an interval touching 0.)"""
     directory = teachers.shipped()[task]
     info = adapters.metadata(directory)
     assert info["protocol"] == teachers.PROTOCOL and (directory / "learning_curve.csv").exists()
     recorded = info["metrics"]
-    now = teachers.measure(task, directory, samples_per_prompt=1, tasks=(task,),
-                           n_prompts=recorded["protocol"]["n_prompts"])
+    now = teachers.measure(task, directory, samples_per_prompt=recorded["protocol"]["samples_per_prompt"],
+                           tasks=(task,), n_prompts=recorded["protocol"]["n_prompts"])
     assert now["change"][task]["low"] > 0, now["change"][task]
     assert abs(now["teacher"][task] - recorded["teacher"][task]) <= 3 * now["teacher"][f"{task}_se"], (now, recorded)
