@@ -21,7 +21,7 @@ import yaml
 
 from . import evaluation
 from . import train as train_module
-from .trainer import MAY_CHANGE_ON_RESUME
+from .trainer import MAY_CHANGE_ON_RESUME, config_changes
 
 ASSETS = Path(__file__).parent / "assets" / "teachers"
 TEACHER_TRAINERS = ("grpo", "nft", "awm")  # stage-0 trainers of train.TRAINERS
@@ -202,11 +202,9 @@ def check_run_follows_recipe(task: str, run_dir: Path) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    recipe = yaml.safe_load(recipe_config(task, str(run_dir)).to_yaml())
     ignored = {"out_dir", "init_adapter", *MAY_CHANGE_ON_RESUME} - {"updates"}
-    changed = [f"{k}: run {saved.get(k)!r}, recipe {recipe.get(k)!r}" for k in recipe
-               if k not in ignored and saved.get(k) != recipe.get(k)]
+    changed = [c.replace(" -> ", ", recipe ").replace(": ", ": run ", 1)
+               for c in config_changes(saved_path, recipe_config(task, str(run_dir)), ignored)]
     if changed:
         raise ValueError(f"{run_dir} was not trained by the {task!r} recipe ({'; '.join(changed)}); "
                          f"put those values in teachers.RECIPES[{task!r}] so the shipped command reproduces it")

@@ -66,6 +66,17 @@ class ResumeError(ConfigError):
 MAY_CHANGE_ON_RESUME = ("updates", "time_budget_minutes", "eval_every", "checkpoint_every", "out_dir",
                         "micro_batch", "rollout_chunks", "gradient_checkpointing")
 
+def config_changes(saved_path: Path, cfg, ignored=()) -> list[str]:
+    """`field: old -> new` for each field of the config saved at `saved_path` (a run's config.yaml)
+    that differs from `cfg`, fields in `ignored` aside."""
+    saved = yaml.safe_load(Path(saved_path).read_text()) or {}
+    current = yaml.safe_load(cfg.to_yaml())
+    missing = object()
+    return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
+            for k in dict.fromkeys([*current, *saved])
+            if k not in ignored and saved.get(k, missing) != current.get(k, missing)]
+
+
 PromptSource = Callable[[str, int, int], list]  # (task, n, seed) -> prompts of that task
 
 
@@ -512,12 +523,7 @@ class OnPolicyTrainer:
         saved_path = Path(self.cfg.out_dir) / "config.yaml"
         if not saved_path.exists() or not any(self.ckpt_dir.glob("step_*")):
             return
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-        current = yaml.safe_load(self.cfg.to_yaml())
-        missing = object()
-        changed = [f"  {k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
-                   for k in dict.fromkeys([*current, *saved])
-                   if k not in MAY_CHANGE_ON_RESUME and saved.get(k, missing) != current.get(k, missing)]
+        changed = [f"  {line}" for line in config_changes(saved_path, self.cfg, MAY_CHANGE_ON_RESUME)]
         if changed:
             raise ResumeError(
                 f"cannot resume {self.cfg.out_dir}: its checkpoints were trained with another config "
