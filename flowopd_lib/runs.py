@@ -334,10 +334,8 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
         if name not in names:
             raise RunError(f"no stage {name!r} in {spec_path}; stages: {names}")
     plan = plan_stages(spec, run_dir, overrides)  # before anything runs: spec errors fail fast
-    started = start is None
-    for stage, _, params in plan:  # a selected stage naming a teacher not shipped yet: say so before anything runs
-        started = started or stage["name"] == start
-        missing = missing_teachers(params) if started and (not only or stage["name"] in only) else {}
+    for (stage, _, params), selected in zip(plan, selection(plan, only, start)):
+        missing = missing_teachers(params) if selected else {}  # a teacher not shipped yet: say so before anything runs
         if missing:
             name = sorted(missing)[0]
             raise RunError(f"stage {stage['name']!r} uses the shipped teacher(s) {sorted(missing)}, not shipped yet "
@@ -345,10 +343,8 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
                            f"`python -m flowopd_lib.teachers train {name} --out runs/teachers/{name}` and "
                            f"`python -m flowopd_lib.teachers ship {name} --run runs/teachers/{name}`")
     write_provenance(run_dir, spec, overrides)
-    started, todo, changed = False, [], set()
-    for stage, out_dir, params in plan:
-        started = started or start is None or stage["name"] == start
-        selected = started and (not only or stage["name"] in only)
+    todo, changed = [], set()
+    for (stage, out_dir, params), selected in zip(plan, selection(plan, only, start)):
         done = out_dir / ".done"
         if selected and (inputs_changed(out_dir, params, on_toy_base(stage, params)) or dependencies(stage) & changed):
             changed.add(stage["name"])
@@ -369,6 +365,13 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
     if summary.exists() and report:
         print(f"\nsummary: {summary}\n\n{summary.read_text()}")
     return run_dir
+
+
+def selection(plan: list, only: list[str] | None, start: str | None) -> list[bool]:
+    """Whether each planned stage is selected: from `start` on (all when None), and in `only` if given."""
+    names = [stage["name"] for stage, _, _ in plan]
+    first = names.index(start) if start is not None else 0
+    return [i >= first and (not only or name in only) for i, name in enumerate(names)]
 
 
 def execute_stage(run_name: str, stage: dict, params: dict, out_dir: Path) -> None:
