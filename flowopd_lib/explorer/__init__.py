@@ -1,4 +1,4 @@
-"""The trajectory explorer: see what on-policy distillation does, step by step (issue 7).
+"""The trajectory explorer: see what on-policy distillation does, step by step.
 
 A research tool beside the method (no stage imports it), in three layers:
 

@@ -21,7 +21,7 @@ POSITION_THRESHOLD = 0.1  # GenEval's
 RELATION_MARGIN = 0.7     # ground truth holds its relation well beyond GenEval's 0.5
 # Object corners sit at one phase of the toy autoencoder's 4-px latent grid (models.toy), so a
 # shape always has the same latent code wherever it stands. At free pixel offsets the base drew
-# blobs for twice as long (notebooks/01_base_model.ipynb, design measurements).
+# blobs for twice as long (docs/toy_world.md, design measurements).
 LATENT_CELL = 4
 
 
@@ -113,7 +113,7 @@ def scene_for_prompt(prompt: Prompt, rng: np.random.Generator, size: int = 32) -
         text = prompt.spec["text"]
         # Centred, as on most signs. At a random offset every glyph (pitch 7 px) lands at any
         # phase of the 4-px latent grid: the base then read right less than half as often
-        # (notebooks/01_base_model.ipynb, design measurements).
+        # (docs/toy_world.md, design measurements).
         h, w = text_mask(text, font_scale(size)).shape
         return Scene(pick(rng, ["gray", "cream", "dark"]), [], text, ((size - h) // 2, (size - w) // 2))
     objs, relation = wanted_items(prompt, rng)
