@@ -141,4 +141,17 @@ def test_summary_tables_format_errors_and_render_a_results_page(tmp_path):
     (folder / "parameters.yaml").write_text(yaml.safe_dump({"eval_prompts": 90, "eval_cfg": 1.0}))
     page = summary.render(tmp_path / "run")
     assert "`abc`" in page and "toy_full.yaml" in page and "eval_prompts 90" in page
-    assert "## main" in page and "0.300 ± 0.020" in page
+    assert "## main" in page and "0.300 ± 0.020" in page and "## Figures" not in page
+
+    (folder / "main_table.png").write_bytes(b"png")  # the command copies figures beside the page and links them
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{summary.README_START}\nold numbers\n{summary.README_END}\nafter\n")
+    summary.main([str(tmp_path / "run"), "--out", str(tmp_path / "docs" / "results.md"), "--readme", str(readme)])
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert "![main_table](figures/run/main_table.png)" in page
+    assert (tmp_path / "docs" / "figures" / "run" / "main_table.png").read_bytes() == b"png"
+    text = readme.read_text()
+    assert "old numbers" not in text and "0.300 ± 0.020" in text and "`abc`" in text
+    assert "[docs/results.md](docs/results.md)" in text and text.endswith(f"{summary.README_END}\nafter\n")
+    with pytest.raises(ValueError, match="generated-results"):
+        summary.replace_block("# no markers\n", "table")
