@@ -40,7 +40,10 @@ every stage on the toy base, and each shipped teacher a stage names (a path unde
 folder, e.g. from `{teachers}/ocr`) as an input of that stage: a stage that ran on other assets
 (a retrained base) or another teacher (a re-shipped one) re-runs the same way, with its
 consumers; shipping one teacher leaves the stages that do not name it alone. A failing stage
-stops the run naming the notebook, the cell and the error; everything produced so far stays. The run directory also holds the spec, the git commit and package versions.
+stops only the stages that consume it (the others run, as `make -k` would: an overnight run does not
+idle on one error); the run then fails naming the notebook, the cell and the error, and everything
+produced stays, so the next run re-does only what failed and its consumers. The run directory also
+holds the spec, the git commit and package versions.
 
     python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N]
 
@@ -359,8 +362,7 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
     if jobs > 1 and len(todo) > 1:
         run_parallel(spec_path, spec, todo, overrides, outputs, jobs)
     else:
-        for stage, out_dir, params in todo:
-            execute_stage(spec["name"], stage, params, out_dir)
+        run_in_order(spec, todo)
     summary = run_dir / spec.get("summary", "summary") / "main_table.md"
     if summary.exists() and report:
         print(f"\nsummary: {summary}\n\n{summary.read_text()}")
@@ -389,9 +391,45 @@ def dependencies(stage: dict) -> set[str]:
     return set(_REF.findall(json.dumps(stage.get("parameters", {})))) - set(PLACEHOLDERS)
 
 
+def consumers_of(failed: set[str], waiting: list[dict]) -> list[dict]:
+    """The stages of `waiting` that consume (directly or through other waiting stages) a stage in `failed`."""
+    blocked, names = [], set(failed)
+    for stage in waiting:  # in spec order: a stage's inputs come before it
+        if dependencies(stage) & names:
+            blocked.append(stage)
+            names.add(stage["name"])
+    return blocked
+
+
+def failure_report(spec: dict, failed: list[str], blocked: list[dict]) -> RunError:
+    return RunError(f"stage(s) {failed} failed (the error is printed above and in "
+                    f"{spec['name']}/<stage>/log.txt); not started, as they consume it: "
+                    f"{[s['name'] for s in blocked]}; every other stage ran. Fix it and run again: finished "
+                    "stages are skipped")
+
+
+def run_in_order(spec: dict, todo: list) -> None:
+    """Run `todo` one stage at a time in this process. A failing stage stops only its consumers."""
+    failed: list[str] = []
+    errors: list[str] = []
+    for stage, out_dir, params in todo:
+        if stage in consumers_of(set(failed), [s for s, _, _ in todo]):
+            continue
+        try:
+            execute_stage(spec["name"], stage, params, out_dir)
+        except RunError as err:
+            print(f"[{spec['name']}] {err}", flush=True)
+            failed.append(stage["name"])
+            errors.append(str(err))
+    if failed:
+        blocked = consumers_of(set(failed), [s for s, _, _ in todo])
+        raise RunError(f"{failure_report(spec, failed, blocked)}\n" + "\n".join(errors))
+
+
 def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict, outputs: Path, jobs: int) -> None:
     """Run the stages in `todo` up to `jobs` at a time, each as soon as the stages it refers to
-    have finished, in child runners (`--only`) whose kernels get cpu_count // jobs threads."""
+    have finished, in child runners (`--only`) whose kernels get cpu_count // jobs threads. A failing
+    stage stops only its consumers; the others go on."""
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     waiting = [stage for stage, _, _ in todo]
@@ -400,7 +438,11 @@ def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict,
     running: dict[str, subprocess.Popen] = {}
     finished: set[str] = set()
     failed: list[str] = []
-    while (waiting and not failed) or running:
+    blocked: list[dict] = []
+    while waiting or running:
+        for stage in consumers_of(set(failed), waiting):
+            waiting.remove(stage)
+            blocked.append(stage)
         for stage in [s for s in waiting if deps[s["name"]] <= finished][: jobs - len(running)]:
             command = [sys.executable, "-m", "flowopd_lib.runs", str(spec_path), "--only", stage["name"],
                        "--outputs", str(outputs), "--quiet", *flags]
@@ -415,8 +457,7 @@ def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict,
                 else:
                     failed.append(name)
     if failed:
-        raise RunError(f"stage(s) {failed} failed (the error is printed above and in "
-                       f"{outputs / spec['name']}/<stage>/log.txt); not started: {[s['name'] for s in waiting]}")
+        raise failure_report(spec, failed, blocked)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -234,7 +234,7 @@ def test_a_failing_stage_names_notebook_cell_and_error(spec, tmp_path):
     data["stages"][0]["parameters"]["rewards"] = {"no_such_reward": 1.0}
     spec.write_text(yaml.safe_dump(data))
     with pytest.raises(runs.RunError, match=r"teacher_geneval.*02_teacher_grpo.ipynb, cell \d+: ConfigError.*no_such_reward"):
-        runs.run(spec, outputs=tmp_path / "outputs")
+        runs.run(spec, outputs=tmp_path / "outputs", only=["teacher_geneval"])
 
 
 def test_spec_errors_are_caught_before_running(spec, tmp_path):
@@ -334,10 +334,21 @@ def test_parallel_jobs_start_a_stage_only_after_the_stages_it_consumes(spec, tmp
     assert runs.dependencies(yaml.safe_load(spec.read_text())["stages"][2]) == {"teacher_geneval", "teacher_ocr"}
 
 
-def test_parallel_failure_names_the_stage_and_skips_its_consumers(spec, tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failure_skips_only_its_consumers(spec, tmp_path, jobs):
+    """The failing stage's consumers do not start (nor theirs); every other stage runs, also one
+    waiting for a free slot when the failure happened (jobs=2: the third stage)."""
     data = yaml.safe_load(spec.read_text())
     data["stages"][0]["parameters"]["rewards"] = {"no_such_reward": 1.0}
+    coldstart = data["stages"].pop()
+    summary = {"name": "summary", "notebook": "notebooks/03_cold_start.ipynb",
+               "parameters": {"teachers": {"g": "{coldstart}/merge_delta"}, "merge_methods": ["delta"], "sft": False}}
+    ocr_again = {**data["stages"][1], "name": "teacher_ocr_again"}
+    data["stages"] += [coldstart, ocr_again, summary]
     spec.write_text(yaml.safe_dump(data))
-    with pytest.raises(runs.RunError, match=r"\['teacher_geneval'\] failed.*not started: \['coldstart'\]"):
-        runs.run(spec, outputs=tmp_path / "outputs", jobs=2)
-    assert (tmp_path / "outputs" / "tiny_study" / "teacher_ocr" / ".done").exists()  # its sibling finished
+    with pytest.raises(runs.RunError, match=r"\['teacher_geneval'\] failed.*not started, as they consume it: "
+                                            r"\['coldstart', 'summary'\]"):
+        runs.run(spec, outputs=tmp_path / "outputs", jobs=jobs)
+    run_dir = tmp_path / "outputs" / "tiny_study"
+    assert (run_dir / "teacher_ocr" / ".done").exists() and (run_dir / "teacher_ocr_again" / ".done").exists()
+    assert not (run_dir / "coldstart").exists() and not (run_dir / "summary").exists()
