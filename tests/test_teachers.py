@@ -93,3 +93,9 @@ def test_shipped_teacher_re_measured_beats_the_base(task):
                            tasks=(task,), n_prompts=recorded["protocol"]["n_prompts"])
     assert now["change"][task]["low"] > 0, now["change"][task]
     assert abs(now["teacher"][task] - recorded["teacher"][task]) <= 3 * now["teacher"][f"{task}_se"], (now, recorded)
+
+
+def test_every_recipe_has_a_shipped_teacher():
+    """The study (`make run`, toy_full.yaml) routes to the four shipped teachers: each recipe's
+    teacher is shipped, with its recorded row and learning curve (re-measured by the test above)."""
+    assert set(teachers.shipped()) == set(teachers.RECIPES)
