@@ -345,7 +345,8 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
                            f"(no {shown(missing[name] / 'adapter.json')}): train and ship each with "
                            f"`python -m flowopd_lib.teachers train {name} --out runs/teachers/{name}` and "
                            f"`python -m flowopd_lib.teachers ship {name} --run runs/teachers/{name}`")
-    write_provenance(run_dir, spec, overrides)
+    if report:  # the parent's record: --jobs children (quiet) would overwrite it with their own command
+        write_provenance(run_dir, spec, overrides)
     todo, changed = [], set()
     for (stage, out_dir, params), selected in zip(plan, selection(plan, only, start)):
         done = out_dir / ".done"

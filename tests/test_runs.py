@@ -325,6 +325,7 @@ def test_extra_merges_key_by_key_while_other_mappings_are_replaced(tmp_path):
 
 def test_parallel_jobs_start_a_stage_only_after_the_stages_it_consumes(spec, tmp_path):
     run_dir = runs.run(spec, outputs=tmp_path / "outputs", jobs=2)
+    assert "--only" not in (run_dir / "provenance.json").read_text()  # the run's own command, not a child's
     stamp = lambda stage, name: (run_dir / stage / name).stat().st_mtime  # noqa: E731
     for stage in ("teacher_geneval", "teacher_ocr", "coldstart"):
         assert (run_dir / stage / ".done").exists()
