@@ -257,7 +257,8 @@ def test_shipped_specs_plan_without_errors(path, tmp_path):
     """Every stage of the shipped specs names parameters its notebook declares and refers only to
     earlier stages (what `run` checks before executing anything)."""
     runs.plan_stages(runs.load_spec(path), tmp_path, {})  # raises RunError naming the stage and the fault
-    runs.plan_stages(runs.load_spec(path), tmp_path, dryrun.TINY_BUDGET)  # the dry run's -p keys are declared
+    if path.name == "sd35m.yaml":  # the spec `make dryrun` runs: its -p keys are declared
+        runs.plan_stages(runs.load_spec(path), tmp_path, dryrun.TINY_BUDGET)
 
 
 TRAINING_NOTEBOOKS = {"notebooks/02_teacher_grpo.ipynb", "notebooks/04_flow_opd.ipynb"}
