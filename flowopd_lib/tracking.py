@@ -90,16 +90,27 @@ class MetricsCSV:
         with self.path.open() as f:
             return list(csv.DictReader(f))
 
+    def drop_after(self, step: int) -> None:
+        """Remove the rows logged after `step`: a run resumed from that step's checkpoint logs them again."""
+        if not self.path.exists():
+            return
+        kept = [row for row in self.read() if int(float(row["step"])) <= step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(kept)
+
 
 class Run:
     """A run directory with config, provenance, metrics.csv and (offline) wandb.
 
-    `resume=True` keeps an existing metrics.csv and appends to it; otherwise an existing
+    `resume=True` keeps an existing metrics.csv and appends to it (dropping the rows after
+    `resumed_step`, the checkpoint's update, which the resumed run logs again); otherwise an existing
     metrics.csv is an error, so two runs never mix their numbers in one file."""
 
     def __init__(self, out_dir: str | Path, config: Config | None = None, *, name: str | None = None,
                  project: str = "flowopd", use_wandb: bool = True, resume: bool = False,
-                 is_main_process: bool = True):
+                 resumed_step: int | None = None, is_main_process: bool = True):
         self.dir = Path(out_dir)
         self.is_main = is_main_process
         self.config = config
@@ -115,6 +126,8 @@ class Run:
             config.to_yaml(self.dir / "config.yaml")
         (self.dir / "provenance.json").write_text(json.dumps(provenance(), indent=2))
         self.metrics = MetricsCSV(metrics_path)
+        if resume and resumed_step is not None:  # steps past the checkpoint are re-logged, not duplicated
+            self.metrics.drop_after(resumed_step)
         if use_wandb:
             self._wandb = _start_wandb(self.dir, name or self.dir.name, project, config)
 

@@ -557,7 +557,8 @@ class OnPolicyTrainer:
         if already_spent:
             print(f"time budget of {cfg.time_budget_minutes} min already spent at update {self.update}")
         first = cfg.updates if already_spent else self.update
-        with Run(cfg.out_dir, cfg, resume=resume, is_main_process=self.acc.is_main_process) as run:
+        with Run(cfg.out_dir, cfg, resume=resume, resumed_step=self.update,
+                 is_main_process=self.acc.is_main_process) as run:
             bar = tqdm(range(first, cfg.updates), initial=self.update, total=cfg.updates,
                        desc=type(self).__name__, disable=not self.acc.is_main_process, mininterval=2)
             for update in bar:

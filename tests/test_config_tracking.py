@@ -197,3 +197,16 @@ def test_import_is_fast_and_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) < 3.0, f"import took {out[0]} s"
     assert out[1] == "False", "diffusers/transformers/wandb must not be imported eagerly"
+
+
+def test_a_resumed_run_drops_the_rows_logged_after_its_checkpoint(tmp_path):
+    """Rows past the checkpoint are logged again by the resumed run: kept, they would appear twice."""
+    from flowopd_lib.tracking import Run
+
+    with Run(tmp_path, use_wandb=False) as run:
+        for step in (1, 2, 3, 4):
+            run.log({"loss": float(step)}, step=step)
+    with Run(tmp_path, use_wandb=False, resume=True, resumed_step=2) as run:
+        run.log({"loss": 30.0}, step=3)
+    rows = Run(tmp_path, use_wandb=False, resume=True).metrics.read()
+    assert [(r["step"], r["loss"]) for r in rows] == [("1", "1.0"), ("2", "2.0"), ("3", "30.0")]
