@@ -8,6 +8,9 @@ named rows through the run's evaluation cache (no new sampling when the summary 
 
     python -m flowopd_lib.diagnostics.compare papermill_runs/outputs/toy_full \\
         "Flow-OPD (merge init)" "merge (cold start)"
+
+`--with OTHER_RUN` adds the rows of another run evaluated under the same protocol (e.g. Mix at a
+teacher's budget, from its own spec, against the study's students); a differing protocol is refused.
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ import pandas as pd
 import yaml
 
 TABLES = ("main", "seesaw", "mar", "estimators", "merges")
+# What makes two runs' evaluations paired (the same prompts, noise and scorers), with the defaults
+# the summary notebook uses when a key is absent.
+PROTOCOL_DEFAULTS = {"base": "toy", "seed": None, "eval_prompts": None, "eval_samples": 1, "eval_steps": None,
+                     "eval_cfg": None, "shift": 1.0, "prompt_root": None, "task_rewards": None}
 
 
 def rows_of(params: dict) -> dict[str, str | None]:
@@ -28,15 +35,43 @@ def rows_of(params: dict) -> dict[str, str | None]:
     return rows
 
 
-def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage: str = "summary") -> pd.DataFrame:
-    """`label - reference` for each label, per metric: diff and its paired 95% interval (low, high)."""
+def protocol_of(params: dict) -> dict:
+    """The evaluation protocol of a summary's parameters (absent keys at the summary's defaults)."""
+    return {key: params.get(key, default) for key, default in PROTOCOL_DEFAULTS.items()}
+
+
+def joined_rows(params_by_run: dict[str, dict]) -> dict[str, str | None]:
+    """The rows of several runs' summaries, refused (SystemExit) unless every run used the first's
+    protocol and a label shared by two runs names the same adapter in both."""
+    (first, first_params), *others = params_by_run.items()
+    rows, origin = dict(rows_of(first_params)), dict.fromkeys(rows_of(first_params), first)
+    for run, params in others:
+        differ = {k: (v, protocol_of(params)[k]) for k, v in protocol_of(first_params).items()
+                  if protocol_of(params)[k] != v}
+        if differ:
+            raise SystemExit(f"error: {run} was evaluated under another protocol than {first} "
+                             f"({{key: (value in {first}, value in {run})}}: {differ}); its rows are not paired with the first run's")
+        for label, adapter in rows_of(params).items():
+            if label in rows and rows[label] != adapter:
+                raise SystemExit(f"error: row {label!r} is {rows[label]} in {origin[label]} but {adapter} in {run}")
+            rows[label], origin[label] = adapter, origin.get(label, run)
+    return rows
+
+
+def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage: str = "summary",
+           other_runs: tuple[str | Path, ...] = ()) -> pd.DataFrame:
+    """`label - reference` for each label, per metric: diff and its paired 95% interval (low, high).
+    Rows may come from `other_runs` too (same protocol); scores are cached in run_dir's cache."""
     from .. import adapters, evaluation, models
 
-    params = yaml.safe_load((Path(run_dir) / summary_stage / "parameters.yaml").read_text())
-    rows = rows_of(params)
+    params_by_run = {str(run): yaml.safe_load((Path(run) / summary_stage / "parameters.yaml").read_text())
+                     for run in (run_dir, *other_runs)}
+    params = params_by_run[str(run_dir)]
+    rows = joined_rows(params_by_run)
     unknown = [label for label in [*labels, reference] if label not in rows]
     if unknown:
-        raise SystemExit(f"error: no row(s) {unknown} in {run_dir}/{summary_stage}; rows: {sorted(rows)}")
+        runs = " + ".join(f"{run}/{summary_stage}" for run in params_by_run)
+        raise SystemExit(f"error: no row(s) {unknown} in {runs}; rows: {sorted(rows)}")
     model = models.load_base(params.get("base", "toy"))
     views = {}
     for i, label in enumerate([reference, *labels]):
@@ -55,10 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="a run's output folder, e.g. papermill_runs/outputs/toy_full")
     parser.add_argument("rows", nargs="+", help="row labels of the summary's tables; the last is the reference")
     parser.add_argument("--summary-stage", default="summary")
+    parser.add_argument("--with", dest="other_runs", action="append", default=[], metavar="OTHER_RUN",
+                        help="also the rows of this run (same evaluation protocol); repeatable")
     args = parser.parse_args(argv)
     if len(args.rows) < 2:
         raise SystemExit("error: name at least two rows: the compared row(s), then the reference")
-    table = paired(args.run_dir, args.rows[:-1], args.rows[-1], args.summary_stage)
+    table = paired(args.run_dir, args.rows[:-1], args.rows[-1], args.summary_stage, tuple(args.other_runs))
     print(f"row - {args.rows[-1]!r}, paired 95% bootstrap interval:\n")
     print(table.round(3).to_markdown())
 
