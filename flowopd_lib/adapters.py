@@ -31,6 +31,10 @@ PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME = "adapter_config.json", "adapter_model.safet
 # Flow-GRPO's LoRA targets on SD3: attention q/k/v/out of the image stream and of the text stream.
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+# The feed-forward layers of both streams: more capacity where attention-only LoRA is too little
+# (the toy OCR teacher's render cold start, docs/teachers.md).
+FF_TARGETS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+TARGET_SETS = {"attention": LORA_TARGETS, "attention+ff": LORA_TARGETS + FF_TARGETS}
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 

@@ -10,6 +10,9 @@ docs/method.md section 4. Merges (`merge`), per LoRA layer, with teacher k's del
     ties, dare_linear, dare_ties, magnitude_prune
                peft's task-vector merges (peft.utils.merge_utils) on the deltas, then SVD to `rank`
 
+The merge touches every layer any teacher touches; a teacher that leaves a layer alone (e.g. an
+attention-only LoRA beside one that also adapts the feed-forward layers) counts as a zero delta there.
+
 peft's `add_weighted_adapter` implements the same combinations but only on a peft `LoraModel`;
 our adapters are diffusers-native (attached with `transformer.add_adapter`, saved in the format
 pipelines load), so the combinations are called on the deltas directly.
@@ -97,19 +100,22 @@ def merge(model, teachers: dict[str, float], name: str = "merge", method: str = 
         alpha = float(new_rank)
     adapters.add(model, name, rank=new_rank, alpha=alpha, targets=targets)
     torch.manual_seed(seed)  # DARE drops entries at random
-    per_source = [list(lora_layers(model, s)) for s in sources]
+    # Adapters may touch different layers (e.g. a teacher with feed-forward LoRA beside attention-only
+    # ones): where one does not, it contributes a zero delta (zero factors) to that layer.
+    per_source = [{module: (a, b, s) for module, a, b, s in lora_layers(model, src)} for src in sources]
     with torch.no_grad():
-        for i, (module, a_new, b_new, _) in enumerate(lora_layers(model, name)):
-            parts = [layers[i] for layers in per_source]
-            assert all(p[0] is module for p in parts), "adapters must cover the same layers"
+        for module, a_new, b_new, _ in lora_layers(model, name):
+            n_in, n_out = a_new.shape[1], b_new.shape[0]
+            parts = [layers.get(module) or (a_new.new_zeros(r, n_in), b_new.new_zeros(n_out, r), 0.0)
+                     for layers, r in zip(per_source, ranks)]
             if method == "delta":
-                a_new.copy_(torch.cat([a for _, a, _, _ in parts]))
-                b_new.copy_(torch.cat([w * s * b for w, (_, _, b, s) in zip(weights, parts)], dim=1))
+                a_new.copy_(torch.cat([a for a, _, _ in parts]))
+                b_new.copy_(torch.cat([w * s * b for w, (_, b, s) in zip(weights, parts)], dim=1))
             elif method == "factor":
-                a_new.copy_(sum(w * a for w, (_, a, _, _) in zip(weights, parts)))
-                b_new.copy_(sum(w * b for w, (_, _, b, _) in zip(weights, parts)))
+                a_new.copy_(sum(w * a for w, (a, _, _) in zip(weights, parts)))
+                b_new.copy_(sum(w * b for w, (_, b, _) in zip(weights, parts)))
             else:
-                merged = _combine([s * (b.float() @ a.float()) for _, a, b, s in parts], weights, method, density)
+                merged = _combine([s * (b.float() @ a.float()) for a, b, s in parts], weights, method, density)
                 b, a = _low_rank(merged, new_rank)
                 a_new.zero_()[: a.shape[0]].copy_(a)
                 b_new.zero_()[:, : b.shape[1]].copy_(b)

@@ -13,6 +13,7 @@ curve in metrics.csv is the teacher's own metric under the protocol it is shippe
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -42,7 +43,7 @@ RECIPES: dict[str, tuple[str, dict]] = {
     # OCR: NFT alone moved it ~+0.02 in 80 updates; a cold start on ground-truth renders first (a toy
     # privilege, recorded in the adapter's metadata) then NFT reached ~+0.08 (docs/teachers.md).
     "ocr": ("nft", {**_COMMON, "rewards": {"ocr": 1.0}, "datasets": {"ocr": 1.0}, "updates": 300,
-                    "sft_steps": 1000}),
+                    "sft": {"steps": 1000}}),
     "pickscore": ("nft", {**_COMMON, "rewards": {"pickscore": 1.0}, "datasets": {"pickscore": 1.0},
                           "updates": 150}),  # past ~170 updates the KL to the base explodes and the metric falls
     # The paper's DeQA teacher: rewards DeQA : PickScore 4 : 6 (DeQA / 5 first, as the study's GRPO one).
@@ -64,7 +65,7 @@ def recipe_config(task: str, out_dir: str, overrides: dict | None = None):
         raise SystemExit(f"unknown teacher task {task!r}; recipes exist for {sorted(RECIPES)}")
     trainer, values = RECIPES[task]
     config_cls, _ = trainer_for(trainer)
-    values = {k: v for k, v in values.items() if k != "sft_steps"}  # the cold start's, not the trainer's
+    values = {k: v for k, v in values.items() if k != "sft"}  # the cold start's, not the trainer's
     return config_cls.from_dict({**values, "adapter": task, "out_dir": out_dir, **(overrides or {})})
 
 
@@ -78,31 +79,44 @@ def eval_fn_for(task: str, n_prompts: int = 90, protocol: dict | None = None):
 
 
 def sft_on_renders(task: str, out_dir: str | Path, steps: int, batch: int = 64, lr: float = 1e-3,
-                   lora_rank: int = 8, seed: int = 0) -> Path:
+                   lora_rank: int = 8, lora_targets: str = "attention", fresh_prompts: bool = False,
+                   seed: int = 0) -> Path:
     """A task cold start only the toy world allows: fine-tune a LoRA with the flow-matching loss on
-    ground-truth renders of the task's training prompts (fresh prompts every step, clean captions).
-    Returns the adapter directory (skipped when it exists: the cold start is resumed as done)."""
+    ground-truth renders of the task's prompts (clean captions): the shipped training prompts, or with
+    `fresh_prompts` new ones from the grammar at every step (never sharing a test prompt's text; the
+    1000 shipped OCR texts are memorised within a few thousand steps). `lora_targets` names a set in
+    `adapters.TARGET_SETS`. Returns the adapter directory (skipped when it exists: the cold start is
+    resumed as done)."""
     import time
 
     import torch
     from tqdm.auto import tqdm
 
     from . import adapters, data, flow, models, toy
+    from .toy import splits
     from .tracking import Run
 
+    if lora_targets not in adapters.TARGET_SETS:
+        raise ValueError(f"lora_targets={lora_targets!r} is not a target set; choose one of {list(adapters.TARGET_SETS)}")
     directory = Path(out_dir) / "adapter"
     if (directory / adapters.WEIGHT_NAME).exists():
         return directory
     model = models.load_base("toy")
-    params = adapters.add(model, task, rank=lora_rank, alpha=float(lora_rank), seed=seed)
+    params = adapters.add(model, task, rank=lora_rank, alpha=float(lora_rank),
+                          targets=adapters.TARGET_SETS[lora_targets], seed=seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     g, t0 = torch.Generator().manual_seed(seed), time.time()
-    config = {"task": task, "steps": steps, "batch": batch, "lr": lr, "lora_rank": lora_rank, "seed": seed}
+    config = {"task": task, "steps": steps, "batch": batch, "lr": lr, "lora_rank": lora_rank,
+              "lora_targets": lora_targets, "fresh_prompts": fresh_prompts, "seed": seed}
     with Run(out_dir, None, resume=False) as run, adapters.active(model, task):
         model.transformer.train()
         for step in tqdm(range(steps), desc=f"SFT on {task} renders", mininterval=5):
-            prompts = data.prompts(task, batch, "train", seed * 1_000_003 + step)
+            step_seed = seed * 1_000_003 + step
+            prompts = (splits.fresh_prompts(task, batch, step_seed) if fresh_prompts
+                       else data.prompts(task, batch, "train", step_seed))
             x0 = model.encode_images(toy.render(prompts, seed=step)).detach()
+            if fresh_prompts:  # each prompt is seen once: do not grow the embedding cache without end
+                model.clear_prompt_cache()
             embeds = model.encode_prompts([p.text for p in prompts])
             out = flow.fm_loss(lambda x, sigma: model.velocity(x, sigma, embeds), x0, generator=g)
             opt.zero_grad(set_to_none=True)
@@ -115,13 +129,24 @@ def sft_on_renders(task: str, out_dir: str | Path, steps: int, batch: int = 64, 
                                                   "train_minutes": round((time.time() - t0) / 60, 2)})
 
 
+def cold_start_settings(task: str, overrides: dict | None = None) -> dict:
+    """The recipe's cold start on renders (`sft_on_renders` keywords; empty: none), with `overrides`
+    (e.g. `{"steps": 500}`) over it."""
+    settings = {**RECIPES[task][1].get("sft", {}), **(overrides or {})}
+    unknown = set(settings) - set(inspect.signature(sft_on_renders).parameters) - {"task", "out_dir"}
+    if unknown:
+        raise ValueError(f"unknown cold-start setting(s) {sorted(unknown)} for {task!r}; sft_on_renders takes "
+                         f"{[p for p in inspect.signature(sft_on_renders).parameters if p not in ('task', 'out_dir')]}")
+    return settings
+
+
 def train(task: str, out_dir: str, overrides: dict | None = None, eval_prompts: int = 90):
-    """Train the task's teacher by its recipe: the optional cold start on renders (`sft_steps`), then
-    the trainer; resumes from out_dir's checkpoints."""
+    """Train the task's teacher by its recipe: the optional cold start on renders (the recipe's `sft`,
+    `overrides["sft"]` over it), then the trainer; resumes from out_dir's checkpoints."""
     overrides = dict(overrides or {})
-    sft_steps = overrides.pop("sft_steps", RECIPES[task][1].get("sft_steps", 0))
-    if sft_steps:
-        overrides["init_adapter"] = str(sft_on_renders(task, Path(out_dir) / "sft", sft_steps))
+    sft = cold_start_settings(task, overrides.pop("sft", None))
+    if sft:
+        overrides["init_adapter"] = str(sft_on_renders(task, Path(out_dir) / "sft", **sft))
     cfg = recipe_config(task, out_dir, overrides)
     _, train_fn = trainer_for(RECIPES[task][0])
     return train_fn(cfg, eval_fn=eval_fn_for(task, eval_prompts))
@@ -196,6 +221,21 @@ def measure(task: str, adapter_dir: str | Path, n_prompts: int = 90, samples_per
             "change": change.to_dict("index")}
 
 
+def cold_start_changes(task: str, run_dir: Path) -> list[str]:
+    """How the run's cold start on renders (its sft/adapter metadata) differs from the recipe's,
+    one "cold start <setting>: run <value>, recipe <value>" per difference (unset settings at
+    `sft_on_renders`' defaults)."""
+    parameters = inspect.signature(sft_on_renders).parameters
+    keys = set(parameters) - {"task", "out_dir"}
+    defaults = {k: parameters[k].default for k in keys if parameters[k].default is not inspect.Parameter.empty}
+    path = Path(run_dir) / "sft" / "adapter" / "adapter.json"
+    recorded = json.loads(path.read_text()).get("sft_on_renders", {}) if path.exists() else {}
+    ran = {**defaults, **{k: v for k, v in recorded.items() if k in keys}} if recorded else {}
+    wanted = {**defaults, **cold_start_settings(task)} if cold_start_settings(task) else {}
+    return [f"cold start {k}: run {ran.get(k)}, recipe {wanted.get(k)}"
+            for k in sorted(set(ran) | set(wanted)) if ran.get(k) != wanted.get(k)]
+
+
 def check_run_follows_recipe(task: str, run_dir: Path) -> None:
     """Refuse to ship a run whose config differs from the task's recipe: the shipped command
     (`teachers train <task>`) must reproduce the teacher, so every change belongs in RECIPES."""
@@ -205,6 +245,7 @@ def check_run_follows_recipe(task: str, run_dir: Path) -> None:
     ignored = {"out_dir", "init_adapter", *MAY_CHANGE_ON_RESUME} - {"updates"}
     changed = [c.replace(" -> ", ", recipe ").replace(": ", ": run ", 1)
                for c in config_changes(saved_path, recipe_config(task, str(run_dir)), ignored)]
+    changed += cold_start_changes(task, run_dir)
     if changed:
         raise ValueError(f"{run_dir} was not trained by the {task!r} recipe ({'; '.join(changed)}); "
                          f"put those values in teachers.RECIPES[{task!r}] so the shipped command reproduces it")

@@ -78,3 +78,20 @@ def test_sft_fits_a_fresh_adapter_on_teacher_samples(tmp_path):
 def _loaded(model, directory):
     adapters.load(model, directory, "teacher_geneval")
     return model
+
+
+def test_teachers_on_different_layers_merge_as_zero_deltas_where_absent():
+    model = tiny_model()
+    torch.manual_seed(10)
+    adapters.add(model, "attn_only", rank=4, alpha=8.0, gaussian_init=False)
+    adapters.add(model, "attn_ff", rank=2, alpha=2.0, gaussian_init=False,
+                 targets=adapters.LORA_TARGETS + adapters.FF_TARGETS)
+    d_attn, d_ff = delta(model, "attn_only"), delta(model, "attn_ff")
+    assert set(d_attn) < set(d_ff), "the test needs layers only the second adapter touches"
+    for method in ("delta", "svd"):
+        merge(model, {"attn_only": 1.0, "attn_ff": 1.0}, name=method, method=method, rank=6)
+        got = delta(model, method)
+        assert got.keys() == d_ff.keys()
+        for key in got:
+            expected = (d_attn.get(key, torch.zeros_like(d_ff[key])) + d_ff[key]) / 2
+            assert torch.allclose(got[key], expected, atol=1e-5), (method, key)

@@ -32,6 +32,26 @@ def test_cold_start_on_renders_fits_a_lora_and_is_kept_once_done(tmp_path, monke
     assert (directory / adapters.WEIGHT_NAME).stat().st_mtime_ns == stamp  # not retrained
 
 
+def test_cold_start_options_targets_fresh_prompts_and_the_recipe_check(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    directory = teachers.sft_on_renders("ocr", tmp_path / "run" / "sft", steps=2, batch=4, lora_rank=4,
+                                        lora_targets="attention+ff", fresh_prompts=True)
+    info = adapters.metadata(directory)
+    assert info["sft_on_renders"]["fresh_prompts"] and set(info["targets"]) == set(adapters.TARGET_SETS["attention+ff"])
+    with pytest.raises(ValueError, match="lora_targets='mlp' is not a target set"):
+        teachers.sft_on_renders("ocr", tmp_path / "other", steps=1, lora_targets="mlp")
+    with pytest.raises(ValueError, match=r"unknown cold-start setting\(s\) \['stpes'\]"):
+        teachers.cold_start_settings("ocr", {"stpes": 3})
+    # a run whose cold start differs from the recipe's is named (check_run_follows_recipe refuses it)
+    recipe = {**teachers.RECIPES["ocr"][1]["sft"], "steps": 2, "batch": 4, "lora_rank": 4,
+              "lora_targets": "attention+ff", "fresh_prompts": True}
+    monkeypatch.setitem(teachers.RECIPES, "ocr", (teachers.RECIPES["ocr"][0], {**teachers.RECIPES["ocr"][1], "sft": recipe}))
+    assert teachers.cold_start_changes("ocr", tmp_path / "run") == []
+    monkeypatch.setitem(teachers.RECIPES["ocr"][1], "sft", {**recipe, "lora_rank": 8})
+    assert teachers.cold_start_changes("ocr", tmp_path / "run") == ["cold start lora_rank: run 4, recipe 8"]
+    assert teachers.cold_start_changes("geneval", tmp_path / "run")[0].startswith("cold start batch: run 4, recipe None")
+
+
 def test_ship_writes_the_protocol_and_command(tmp_path):
     run = tmp_path / "run"
     model = models.load_base("toy")
@@ -77,6 +97,9 @@ def test_ship_refuses_a_run_that_left_its_recipe(tmp_path):
     with pytest.raises(ValueError, match="lr: run 0.0005, recipe 0.001"):
         teachers.ship("ocr", run, destination=tmp_path / "assets")
     (run / "config.yaml").write_text(teachers.recipe_config("ocr", str(run), {"eval_every": 3}).to_yaml())
+    with pytest.raises(ValueError, match="cold start steps: run None"):  # the recipe's cold start is missing
+        teachers.ship("ocr", run, destination=tmp_path / "assets")
+    adapters.save(model, "ocr", run / "sft" / "adapter", {"sft_on_renders": teachers.cold_start_settings("ocr")})
     assert teachers.ship("ocr", run, destination=tmp_path / "assets").exists()  # cadence may differ
 
 

@@ -76,6 +76,19 @@ def test_shipped_files_use_flow_grpo_formats_and_disjoint_splits():
     assert all(line.count('"') == 2 for line in splits.prompt_file("ocr", "train").read_text().splitlines())
 
 
+@pytest.mark.parametrize("task", ["ocr", "pickscore", "deqa"])
+def test_fresh_prompts_are_seeded_new_and_never_share_a_test_key(task):
+    key = splits.held_out_key(task)
+    fresh = splits.fresh_prompts(task, 3000, seed=1)
+    assert [p.text for p in fresh[:5]] == [p.text for p in splits.fresh_prompts(task, 5, seed=1)]
+    assert all(p.task == task for p in fresh)
+    assert not {key(p) for p in fresh} & {key(p) for p in toy.read_prompts(task, "test")}
+    # more variety than the shipped training file: most fresh prompts are not in it
+    assert len({p.text for p in fresh} - {p.text for p in toy.read_prompts(task, "train")}) > 2000
+    with pytest.raises(ValueError, match="fresh prompts exist for ocr, pickscore and deqa"):
+        splits.fresh_prompts("geneval", 2)
+
+
 def test_shipped_files_are_what_the_generator_writes(tmp_path):
     splits.write_splits(tmp_path)
     for task in ("geneval", "ocr", "pickscore"):

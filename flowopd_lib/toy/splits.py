@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .grammar import (GENEVAL_TAGS, TASKS, Prompt, all_geneval_prompts, check_task, parse_prompt,
-                      random_freeform, random_ocr)
+                      random_freeform, random_ocr, random_prompt)
 
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
 SPLITS = ("train", "test")
@@ -79,6 +79,23 @@ def sample_prompts(task: str, n: int, split: str = "train", seed: int = 0) -> li
     else:
         chosen = _cycle(prompts, n, rng)
     return [copy.deepcopy(p) for p in chosen]
+
+
+def held_out_key(task: str):
+    """What a training prompt may never share with a test prompt: for ocr the quoted text, else the text."""
+    return (lambda p: p.spec["text"]) if task == "ocr" else (lambda p: p.text)
+
+
+def fresh_prompts(task: str, n: int, seed: int = 0) -> list[Prompt]:
+    """n new prompts of a task straight from the grammar, never one a test prompt shares its key with
+    (`held_out_key`): a training set without end, where the shipped one has 1000 prompts (ocr,
+    pickscore) whose texts a long fine-tune memorises. A toy-world privilege, as the renders are."""
+    if task == "geneval":
+        raise ValueError("geneval's toy prompts are few and all in the shipped splits; fresh prompts exist "
+                         "for ocr, pickscore and deqa")
+    key = held_out_key(task)
+    return unique_prompts(lambda rng: random_prompt(task, rng), n, np.random.default_rng(seed), key,
+                          {key(p) for p in _cached(task, "test")})
 
 
 # ----------------------------------------------------------------------------- writing
