@@ -1,0 +1,27 @@
+"""diagnostics.ocr_errors: the error classes on analytic cases, the table's shares, and a small run."""
+import pytest
+
+from flowopd_lib.diagnostics import ocr_errors
+
+
+@pytest.mark.parametrize("read, target, expected", [
+    ("H6", "H6", "exact"), ("6H", "H6", "order"), ("T16", "176", "glyphs"), ("HH", "4H", "glyphs"),
+    ("1E", "Y10", "count"), ("", "A", "count"), ("AAB", "ABA", "order"), ("AB", "AAB", "count")])
+def test_error_class(read, target, expected):
+    assert ocr_errors.error_class(read, target) == expected
+
+
+def test_error_table_gives_shares_per_length_and_overall():
+    table = ocr_errors.error_table({"m": ["AB", "BA", "X", "CD"]}, ["AB", "AB", "Y", "CDE"])
+    assert table.loc[("m", "2"), ["exact", "order", "glyphs", "count", "n"]].tolist() == [0.5, 0.5, 0, 0, 2]
+    assert table.loc[("m", "all"), "exact"] == 0.25 and table.loc[("m", "all"), "count"] == 0.25
+    assert table.loc[("m", "all")][list(ocr_errors.CLASSES)].sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="m: 1 read texts for 2 targets"):
+        ocr_errors.error_table({"m": ["A"]}, ["A", "B"])
+
+
+def test_command_writes_table_and_figure(tmp_path, capsys):
+    ocr_errors.main(["--prompts", "3", "--samples", "2", "--out", str(tmp_path)])
+    assert "base" in capsys.readouterr().out
+    assert (tmp_path / "ocr_errors.png").stat().st_size > 0
+    assert "exact" in (tmp_path / "ocr_errors.csv").read_text()
