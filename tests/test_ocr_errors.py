@@ -22,6 +22,16 @@ def test_error_table_gives_shares_per_length_and_overall():
 
 def test_command_writes_table_and_figure(tmp_path, capsys):
     ocr_errors.main(["--prompts", "3", "--samples", "2", "--out", str(tmp_path)])
-    assert "base" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "base" in out and "order signal of the text encoders" in out
     assert (tmp_path / "ocr_errors.png").stat().st_size > 0
     assert "exact" in (tmp_path / "ocr_errors.csv").read_text()
+
+
+def test_order_signal_compares_a_glyph_in_two_places_with_two_glyphs_in_one():
+    from flowopd_lib import models
+
+    signal = ocr_errors.order_signal(models.load_base("toy"), n_pairs=5)
+    assert set(signal) == {"order", "pooled_order", "glyph"}
+    assert all(0 < v < 10 for v in signal.values())
+    assert signal["glyph"] > signal["order"]  # a different glyph changes the token more than a move
