@@ -41,7 +41,9 @@ _COMMON = dict(cfg_scale=1.0, sde_steps=10, prompts_per_update=32, group_size=8,
 RECIPES: dict[str, tuple[str, dict]] = {
     "geneval": ("nft", {**_COMMON, "rewards": {"geneval": 1.0}, "datasets": {"geneval": 1.0}, "updates": 200}),
     # OCR: NFT alone moved it ~+0.02 in 80 updates; a cold start on ground-truth renders first (a toy
-    # privilege, recorded in the adapter's metadata) then NFT reached ~+0.08 (docs/teachers.md).
+    # privilege, recorded in the adapter's metadata) then NFT reached ~+0.09. A rank-32 attention +
+    # feed-forward cold start gained no measurable OCR over this and wrecked every other task; the
+    # text encoders barely encode glyph order, which caps OCR on this base (docs/teachers.md).
     "ocr": ("nft", {**_COMMON, "rewards": {"ocr": 1.0}, "datasets": {"ocr": 1.0}, "updates": 300,
                     "sft": {"steps": 1000}}),
     "pickscore": ("nft", {**_COMMON, "rewards": {"pickscore": 1.0}, "datasets": {"pickscore": 1.0},
