@@ -85,8 +85,8 @@ def sft_on_renders(task: str, out_dir: str | Path, steps: int, batch: int = 64, 
                    seed: int = 0) -> Path:
     """A task cold start only the toy world allows: fine-tune a LoRA with the flow-matching loss on
     ground-truth renders of the task's prompts (clean captions): the shipped training prompts, or with
-    `fresh_prompts` new ones from the grammar at every step (never sharing a test prompt's text; the
-    1000 shipped OCR texts are memorised within a few thousand steps). `lora_targets` names a set in
+    `fresh_prompts` new ones from the grammar at every step (never sharing a test prompt's text; on
+    OCR it measured no better than the 1000 shipped texts, docs/teachers.md). `lora_targets` names a set in
     `adapters.TARGET_SETS`. Returns the adapter directory (skipped when it exists: the cold start is
     resumed as done)."""
     import time

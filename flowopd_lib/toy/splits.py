@@ -89,7 +89,7 @@ def held_out_key(task: str):
 def fresh_prompts(task: str, n: int, seed: int = 0) -> list[Prompt]:
     """n new prompts of a task straight from the grammar, never one a test prompt shares its key with
     (`held_out_key`): a training set without end, where the shipped one has 1000 prompts (ocr,
-    pickscore) whose texts a long fine-tune memorises. A toy-world privilege, as the renders are."""
+    pickscore) that a long fine-tune could memorise. A toy-world privilege, as the renders are."""
     if task == "geneval":
         raise ValueError("geneval's toy prompts are few and all in the shipped splits; fresh prompts exist "
                          "for ocr, pickscore and deqa")
