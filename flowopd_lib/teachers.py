@@ -131,14 +131,20 @@ def sft_on_renders(task: str, out_dir: str | Path, steps: int, batch: int = 64, 
                                                   "train_minutes": round((time.time() - t0) / 60, 2)})
 
 
+def cold_start_defaults() -> dict:
+    """The settings `sft_on_renders` takes -> their defaults (`inspect.Parameter.empty`: required)."""
+    return {name: p.default for name, p in inspect.signature(sft_on_renders).parameters.items()
+            if name not in ("task", "out_dir")}
+
+
 def cold_start_settings(task: str, overrides: dict | None = None) -> dict:
     """The recipe's cold start on renders (`sft_on_renders` keywords; empty: none), with `overrides`
     (e.g. `{"steps": 500}`) over it."""
     settings = {**RECIPES[task][1].get("sft", {}), **(overrides or {})}
-    unknown = set(settings) - set(inspect.signature(sft_on_renders).parameters) - {"task", "out_dir"}
+    unknown = set(settings) - set(cold_start_defaults())
     if unknown:
         raise ValueError(f"unknown cold-start setting(s) {sorted(unknown)} for {task!r}; sft_on_renders takes "
-                         f"{[p for p in inspect.signature(sft_on_renders).parameters if p not in ('task', 'out_dir')]}")
+                         f"{list(cold_start_defaults())}")
     return settings
 
 
@@ -227,13 +233,13 @@ def cold_start_changes(task: str, run_dir: Path) -> list[str]:
     """How the run's cold start on renders (its sft/adapter metadata) differs from the recipe's,
     one "cold start <setting>: run <value>, recipe <value>" per difference (unset settings at
     `sft_on_renders`' defaults)."""
-    parameters = inspect.signature(sft_on_renders).parameters
-    keys = set(parameters) - {"task", "out_dir"}
-    defaults = {k: parameters[k].default for k in keys if parameters[k].default is not inspect.Parameter.empty}
+    keys = cold_start_defaults()
+    defaults = {k: v for k, v in keys.items() if v is not inspect.Parameter.empty}
     path = Path(run_dir) / "sft" / "adapter" / "adapter.json"
     recorded = json.loads(path.read_text()).get("sft_on_renders", {}) if path.exists() else {}
     ran = {**defaults, **{k: v for k, v in recorded.items() if k in keys}} if recorded else {}
-    wanted = {**defaults, **cold_start_settings(task)} if cold_start_settings(task) else {}
+    recipe = cold_start_settings(task)
+    wanted = {**defaults, **recipe} if recipe else {}
     return [f"cold start {k}: run {ran.get(k)}, recipe {wanted.get(k)}"
             for k in sorted(set(ran) | set(wanted)) if ran.get(k) != wanted.get(k)]
 

@@ -23,7 +23,7 @@ def test_error_table_gives_shares_per_length_and_overall():
 def test_command_writes_table_and_figure(tmp_path, capsys):
     ocr_errors.main(["--prompts", "3", "--samples", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "base" in out and "order signal of the text encoders" in out
+    assert "base" in out and "order signal of the text encoders" in out and "through the autoencoder" in out
     assert (tmp_path / "ocr_errors.png").stat().st_size > 0
     assert "exact" in (tmp_path / "ocr_errors.csv").read_text()
 
@@ -35,3 +35,10 @@ def test_order_signal_compares_a_glyph_in_two_places_with_two_glyphs_in_one():
     assert set(signal) == {"order", "pooled_order", "glyph"}
     assert all(0 < v < 10 for v in signal.values())
     assert signal["glyph"] > signal["order"]  # a different glyph changes the token more than a move
+
+
+def test_autoencoder_ceiling_reads_the_renders_back():
+    from flowopd_lib import data, models
+
+    prompts = data.prompts("ocr", 6, "test", 0)
+    assert ocr_errors.autoencoder_ceiling(models.load_base("toy"), prompts) == 1.0

@@ -45,9 +45,10 @@ def joined_rows(params_by_run: dict[str, dict]) -> dict[str, str | None]:
     protocol and a label shared by two runs names the same adapter in both."""
     (first, first_params), *others = params_by_run.items()
     rows, origin = dict(rows_of(first_params)), dict.fromkeys(rows_of(first_params), first)
+    expected = protocol_of(first_params)
     for run, params in others:
-        differ = {k: (v, protocol_of(params)[k]) for k, v in protocol_of(first_params).items()
-                  if protocol_of(params)[k] != v}
+        protocol = protocol_of(params)
+        differ = {k: (v, protocol[k]) for k, v in expected.items() if protocol[k] != v}
         if differ:
             raise SystemExit(f"error: {run} was evaluated under another protocol than {first} "
                              f"({{key: (value in {first}, value in {run})}}: {differ}); its rows are not paired with the first run's")
@@ -72,15 +73,16 @@ def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage
     if unknown:
         runs = " + ".join(f"{run}/{summary_stage}" for run in params_by_run)
         raise SystemExit(f"error: no row(s) {unknown} in {runs}; rows: {sorted(rows)}")
-    model = models.load_base(params.get("base", "toy"))
+    protocol = protocol_of(params)
+    model = models.load_base(protocol["base"])
     views = {}
     for i, label in enumerate([reference, *labels]):
         name = adapters.load(model, rows[label], f"r{i}") if rows[label] else None
         views[label] = adapters.view(model, name)
     scores = evaluation.sample_scores(
-        views, n_prompts=params["eval_prompts"], samples_per_prompt=params.get("eval_samples", 1),
-        steps=params["eval_steps"], cfg_scale=params["eval_cfg"], seed=params["seed"], shift=params.get("shift", 1.0),
-        prompt_root=params.get("prompt_root"), reward_for_task=params.get("task_rewards"),
+        views, n_prompts=protocol["eval_prompts"], samples_per_prompt=protocol["eval_samples"],
+        steps=protocol["eval_steps"], cfg_scale=protocol["eval_cfg"], seed=protocol["seed"], shift=protocol["shift"],
+        prompt_root=protocol["prompt_root"], reward_for_task=protocol["task_rewards"],
         cache_dir=params.get("eval_cache"))
     return pd.concat({label: evaluation.compare(scores, label, reference) for label in labels})
 

@@ -1,8 +1,8 @@
 """What an OCR model gets wrong: the kinds of error in the text it writes, by the quoted text's length.
 
-The toy base draws crisp glyphs (its autoencoder reconstructs every test render exactly: the reader
-scores the decoded renders 1.0), so the OCR reward measures whether the right glyphs land in the
-right places. Each sample's read text is put in one class:
+The toy base draws crisp glyphs (the reader reads every ground-truth render exactly after the
+autoencoder: `autoencoder_ceiling`, printed by the command), so the OCR reward measures whether the
+right glyphs land in the right places. Each sample's read text is put in one class:
 
     exact        the quoted text
     order        the right glyphs (as a multiset) in the wrong order: a binding error ("H6" -> "6H")
@@ -105,6 +105,9 @@ def order_signal(model, n_pairs: int = 50, seed: int = 0) -> dict[str, float]:
 
     from ..toy.font import GLYPHS
 
+    def rel(u, v):
+        return ((u - v).norm() / u.norm()).item()
+
     rng = np.random.default_rng(seed)
     template = 'a sign that says "{}"'
     order, pooled, glyph = [], [], []
@@ -114,11 +117,21 @@ def order_signal(model, n_pairs: int = 50, seed: int = 0) -> dict[str, float]:
         ids = model.tokenizer([template.format(a + b), template.format(b + a)])
         first = int((ids[0] != ids[1]).nonzero()[0])  # the texts differ exactly at the two glyphs' tokens
         t = embeds.tokens
-        rel = lambda u, v: ((u - v).norm() / u.norm()).item()  # noqa: E731
         order.append(rel(t[0, first], t[1, first + 1]))  # a first vs a second
         glyph.append(rel(t[0, first], t[1, first]))  # a vs b in the first slot
         pooled.append(rel(embeds.pooled[0], embeds.pooled[1]))
     return {"order": float(np.mean(order)), "pooled_order": float(np.mean(pooled)), "glyph": float(np.mean(glyph))}
+
+
+def autoencoder_ceiling(model, prompts: list) -> float:
+    """Share of the prompts' ground-truth renders read exactly after the model's autoencoder
+    (encode, decode): what OCR could reach if the flow put the right latent down."""
+    from .. import toy
+    from ..rewards import ocr
+
+    with torch.no_grad():
+        decoded = model.decode(model.encode_images(toy.render(prompts, seed=0)))
+    return sum(r == p.spec["text"] for r, p in zip(ocr.read_text(decoded), prompts)) / len(prompts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     targets = [p.spec["text"] for p in prompts for _ in range(args.samples)]
     table = error_table(reads, targets)
     print(table.round(3).to_markdown())
+    print(f"\nground-truth renders read exactly through the autoencoder: {autoencoder_ceiling(model, prompts):.3f}")
     signal = order_signal(model)
     print(f"\norder signal of the text encoders (relative change of a glyph's token, first vs second place): "
           f"{signal['order']:.4f}; of the pooled vector: {signal['pooled_order']:.5f}; two glyphs in one slot: "
