@@ -9,6 +9,11 @@ Nothing in the Flow-OPD stages (pretraining, teachers, cold start, distillation)
             python -m flowopd_lib.diagnostics.bench
     compare paired differences between rows of a finished study's summary (its evaluation cache)
             python -m flowopd_lib.diagnostics.compare <run_dir> <row> ... <reference row>
+    ocr_errors  what an OCR model writes wrong (order / glyphs / count), and how little the frozen
+            text encoders encode glyph order
+            python -m flowopd_lib.diagnostics.ocr_errors --adapter <dir> --out <dir>
+    curves  learning curves of a run, or of runs that continue each other, on one update axis
+            python -m flowopd_lib.diagnostics.curves <run_dir> [<continued run_dir> ...] --out fig.png
 
 Import them by name (`from flowopd_lib.diagnostics import probe`): importing `probe` registers its
 two diagnostic rewards.
