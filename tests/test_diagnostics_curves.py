@@ -23,9 +23,20 @@ def test_chained_runs_continue_the_update_count_and_the_table_takes_each_windows
     assert table["kl_ref"].tolist() == [0.3, 2.0, 3.0]          # updates 3, 6 (b's 2nd), 7 (b's 3rd)
     # the last value present in each window: a's update 2; b's update 2 (= 6); none in 7
     assert table["eval/geneval"].round(3).fillna(-1).tolist() == [0.2, 0.2, -1]
-    fig = curves.plot(metrics, ["kl_ref"], logy=("kl_ref",), path=tmp_path / "c.png")
+    fig = curves.plot({"b": metrics}, ["kl_ref"], logy=("kl_ref",), path=tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
     assert [line.get_xdata()[0] for line in fig.axes[0].lines[1:]] == [4]  # the second stage starts after 4
+
+
+def test_cli_plots_chains_and_single_runs_side_by_side(tmp_path, capsys):
+    first = write_run(tmp_path / "a", [1, 2], [0.1, 0.2])
+    second = write_run(tmp_path / "b", [1, 2], [0.3, 0.4])
+    other = write_run(tmp_path / "c", [1, 2, 3], [0.5, 0.6, 0.7])
+    curves.main([f"{first}+{second}", str(other), "--columns", "kl_ref", "--every", "2", "--out", str(tmp_path / "f.png")])
+    printed = capsys.readouterr().out
+    assert "\nb\n" in printed and "\nc\n" in printed and (tmp_path / "f.png").exists()
+    with pytest.raises(SystemExit, match="same name"):
+        curves.main([str(other), f"{first}+{other}", "--columns", "kl_ref"])
 
 
 def test_missing_runs_and_columns_are_named(tmp_path):

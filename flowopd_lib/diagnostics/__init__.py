@@ -12,8 +12,8 @@ Nothing in the Flow-OPD stages (pretraining, teachers, cold start, distillation)
     ocr_errors  what an OCR model writes wrong (order / glyphs / count), and how little the frozen
             text encoders encode glyph order
             python -m flowopd_lib.diagnostics.ocr_errors --adapter <dir> --out <dir>
-    curves  learning curves of a run, or of runs that continue each other, on one update axis
-            python -m flowopd_lib.diagnostics.curves <run_dir> [<continued run_dir> ...] --out fig.png
+    curves  learning curves of runs side by side; A+B chains a run B that continued A on one axis
+            python -m flowopd_lib.diagnostics.curves <run_dir>[+<continued run_dir>] ... --out fig.png
 
 Import them by name (`from flowopd_lib.diagnostics import probe`): importing `probe` registers its
 two diagnostic rewards.

@@ -1,17 +1,17 @@
-"""Learning curves of one training run, or of a chain of runs that continue each other.
+"""Learning curves of training runs side by side, where a run may be a chain of stages that continue each other.
 
 A long run is sometimes two stages (toy_mix_budget.yaml: Mix at one teacher's budget, then the same
 adapter continued to the total budget), each with its own metrics.csv counting updates from 1.
-This reads them in order, shifts each stage's updates by the ones before it, and plots the chosen
-columns (held-out evaluations, KL to the base, reward, gradient norm) on one update axis, one panel
-per column, with a dotted line where a stage begins:
+`A+B` reads them in order and shifts B's updates by A's, so the chain has one update axis (a dotted
+line marks where B begins). Several runs (each a folder or a chain) share the panels, one line each,
+labelled by their last folder's name; one panel per column (held-out evaluations, KL to the base or
+to the teachers, reward, gradient norm):
 
-    python -m flowopd_lib.diagnostics.curves \\
-        papermill_runs/outputs/toy_mix_budget/mix_nft_teacher_budget \\
-        papermill_runs/outputs/toy_mix_budget/mix_nft_total_budget \\
+    python -m flowopd_lib.diagnostics.curves \
+        papermill_runs/outputs/toy_mix_budget/mix_nft_teacher_budget+papermill_runs/outputs/toy_mix_budget/mix_nft_total_budget \
         --columns eval/geneval eval/ocr eval/pickscore kl_ref --logy kl_ref --out docs/figures/mix_long.png
 
-It also prints the columns every `--every` updates as a table (the numbers behind the picture).
+It also prints each run's columns every `--every` updates as a table (the numbers behind the picture).
 """
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ def every(metrics: pd.DataFrame, columns: list[str], interval: int) -> pd.DataFr
     return table.rename_axis("update")
 
 
-def plot(metrics: pd.DataFrame, columns: list[str], logy: tuple[str, ...] = (), title: str = "", path=None):
-    """One panel per column against the chained update, a dotted line at each stage's start."""
+def plot(runs: dict[str, pd.DataFrame], columns: list[str], logy: tuple[str, ...] = (), title: str = "", path=None):
+    """One panel per column, one line per run (label -> its chained metrics) against its update,
+    a dotted line where a chain's later stage begins."""
     import matplotlib.pyplot as plt
 
     ncols = min(3, len(columns))
@@ -58,16 +59,22 @@ def plot(metrics: pd.DataFrame, columns: list[str], logy: tuple[str, ...] = (), 
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.7 * nrows), squeeze=False)
     for ax in axes.flat[len(columns):]:
         ax.axis("off")
-    starts = metrics.groupby("stage", sort=False)["step"].min().iloc[1:] - 1
+    for label, metrics in runs.items():
+        starts = metrics.groupby("stage", sort=False)["step"].min().iloc[1:] - 1
+        for ax, column in zip(axes.flat, columns):
+            if column not in metrics:
+                continue
+            rows = metrics[["step", column]].dropna()
+            line, = ax.plot(rows["step"], rows[column], marker="." if len(rows) < 60 else None, lw=1, label=label)
+            for start in starts:
+                ax.axvline(start, color=line.get_color(), ls=":", lw=1)
     for ax, column in zip(axes.flat, columns):
-        rows = metrics[["step", column]].dropna()
-        ax.plot(rows["step"], rows[column], marker="." if len(rows) < 60 else None, lw=1)
-        for start in starts:
-            ax.axvline(start, color="grey", ls=":", lw=1)
         ax.set_title(column, fontsize=9)
         ax.set_xlabel("update")
         if column in logy:
             ax.set_yscale("log")
+    if len(runs) > 1:
+        axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if path is not None:
@@ -77,17 +84,21 @@ def plot(metrics: pd.DataFrame, columns: list[str], logy: tuple[str, ...] = (), 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", help="training run folders (with metrics.csv), in the order they ran")
+    parser.add_argument("runs", nargs="+", help="training run folders (with metrics.csv); A+B: B continued A")
     parser.add_argument("--columns", nargs="+", default=["eval/geneval", "eval/ocr", "eval/pickscore", "kl_ref"])
     parser.add_argument("--logy", nargs="*", default=[], help="columns drawn on a log scale")
     parser.add_argument("--every", type=int, default=50, help="table: one row per this many updates")
     parser.add_argument("--title", default="")
     parser.add_argument("--out", help="save the figure here (png)")
     args = parser.parse_args(argv)
-    metrics = chained_metrics(args.run_dirs)
-    print(every(metrics, args.columns, args.every).round(3).to_markdown())
+    runs = {Path(chain.split("+")[-1]).name: chained_metrics(chain.split("+")) for chain in args.runs}
+    if len(runs) < len(args.runs):
+        raise SystemExit(f"error: two runs end in folders of the same name: {args.runs}")
+    for label, metrics in runs.items():
+        print(f"\n{label}\n")
+        print(every(metrics, [c for c in args.columns if c in metrics], args.every).round(3).to_markdown())
     if args.out:
-        plot(metrics, args.columns, tuple(args.logy), args.title, args.out)
+        plot(runs, args.columns, tuple(args.logy), args.title, args.out)
         print(f"figure: {args.out}")
 
 
