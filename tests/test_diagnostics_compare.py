@@ -25,5 +25,23 @@ def test_rows_of_another_run_join_only_under_the_same_protocol():
                                                                  "Mix": "m"}
     with pytest.raises(SystemExit, match=r"mix was evaluated under another protocol.*'eval_cfg': \(1.0, 3.0\)"):
         compare.joined_rows({"study": study, "mix": {**mix, "eval_cfg": 3.0}})
-    with pytest.raises(SystemExit, match=r"row 'teacher' is t in study but other in mix"):
+    with pytest.raises(SystemExit, match=r"row 'teacher' is t in study but other in mix, and their weights differ"):
         compare.joined_rows({"study": study, "mix": {**mix, "main": {"teacher": "other"}}})
+
+
+def test_a_row_in_two_runs_may_be_two_copies_of_the_same_weights(tmp_path):
+    """Two runs that each merge the same teachers write equal tensors (with metadata in another order)."""
+    import torch
+    from safetensors.torch import save_file
+
+    def adapter(name, value, metadata):
+        (tmp_path / name).mkdir()
+        save_file({"lora.A": torch.full((2, 3), value)}, tmp_path / name / "pytorch_lora_weights.safetensors", metadata)
+        return str(tmp_path / name)
+
+    merge, copy = adapter("a", 1.0, {"x": "1", "y": "2"}), adapter("b", 1.0, {"y": "2", "x": "1"})
+    other = adapter("c", 2.0, {})
+    protocol = {"seed": 0, "eval_prompts": 90}
+    rows = compare.joined_rows({"one": {**protocol, "main": {"merge": merge}}, "two": {**protocol, "main": {"merge": copy}}})
+    assert rows == {"merge": merge}
+    assert not compare.same_adapter(merge, other) and not compare.same_adapter(merge, None)

@@ -53,10 +53,28 @@ def joined_rows(params_by_run: dict[str, dict]) -> dict[str, str | None]:
             raise SystemExit(f"error: {run} was evaluated under another protocol than {first} "
                              f"({{key: (value in {first}, value in {run})}}: {differ}); its rows are not paired with the first run's")
         for label, adapter in rows_of(params).items():
-            if label in rows and rows[label] != adapter:
-                raise SystemExit(f"error: row {label!r} is {rows[label]} in {origin[label]} but {adapter} in {run}")
-            rows[label], origin[label] = adapter, origin.get(label, run)
+            if label in rows and not same_adapter(rows[label], adapter):
+                raise SystemExit(f"error: row {label!r} is {rows[label]} in {origin[label]} but {adapter} in {run}, "
+                                 "and their weights differ")
+            rows.setdefault(label, adapter)
+            origin.setdefault(label, run)
     return rows
+
+
+def same_adapter(first: str | None, second: str | None) -> bool:
+    """Whether two rows are one model: the same directory, or adapters with equal tensors (two runs
+    that each merge the same teachers write the same weights; their file metadata may differ)."""
+    if first == second:
+        return True
+    if first is None or second is None:
+        return False
+    from safetensors.torch import load_file
+
+    files = [Path(d) / "pytorch_lora_weights.safetensors" for d in (first, second)]
+    if not all(f.exists() for f in files):
+        return False
+    weights = [load_file(f) for f in files]
+    return weights[0].keys() == weights[1].keys() and all(weights[0][k].equal(weights[1][k]) for k in weights[0])
 
 
 def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage: str = "summary",
