@@ -64,19 +64,37 @@ def curve_ends(run_dirs: dict[str, str | Path], prefix: str, last: int = 3) -> p
 def compare_runs(run_dirs: dict[str, str | Path], prefix: str, title: str = "", path=None):
     """One panel per metric whose name starts with `prefix` (e.g. "teacher_kl/"), one line per run:
     the same curves of several runs side by side (e.g. the OPD objectives)."""
-    import matplotlib.pyplot as plt
-
     metrics = {label: read_metrics(d) for label, d in run_dirs.items()}
     names = sorted({c for m in metrics.values() for c in m if c.startswith(prefix)})
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.0), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for label, m in metrics.items():
-            if name in m:
-                rows = m[["step", name]].dropna()
-                ax.plot(rows["step"], rows[name], label=label)
-        ax.set_title(name, fontsize=9)
+    return panels(metrics, names or [prefix], title=title, path=path)
+
+
+def panels(runs: dict[str, pd.DataFrame], columns: list[str], logy: tuple[str, ...] = (), title: str = "", path=None):
+    """One panel per column, one line per run (label -> its metrics) against `step`; where a run's
+    metrics carry a `stage` column (diagnostics.curves' chains), a dotted line where a later stage begins."""
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, len(columns))
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.7 * nrows), squeeze=False)
+    for ax in axes.flat[len(columns):]:
+        ax.axis("off")
+    for label, metrics in runs.items():
+        starts = metrics.groupby("stage", sort=False)["step"].min().iloc[1:] - 1 if "stage" in metrics else []
+        for ax, column in zip(axes.flat, columns):
+            if column not in metrics:
+                continue
+            rows = metrics[["step", column]].dropna()
+            line, = ax.plot(rows["step"], rows[column], marker="." if len(rows) < 60 else None, lw=1, label=label)
+            for start in starts:
+                ax.axvline(start, color=line.get_color(), ls=":", lw=1)
+    for ax, column in zip(axes.flat, columns):
+        ax.set_title(column, fontsize=9)
         ax.set_xlabel("update")
-    axes.flat[0].legend(fontsize=7)
+        if column in logy:
+            ax.set_yscale("log")
+    if len(runs) > 1:
+        axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if path is not None:

@@ -2,6 +2,7 @@
 import pandas as pd
 import pytest
 
+from flowopd_lib import viz
 from flowopd_lib.diagnostics import curves
 
 
@@ -23,7 +24,7 @@ def test_chained_runs_continue_the_update_count_and_the_table_takes_each_windows
     assert table["kl_ref"].tolist() == [0.3, 2.0, 3.0]          # updates 3, 6 (b's 2nd), 7 (b's 3rd)
     # the last value present in each window: a's update 2; b's update 2 (= 6); none in 7
     assert table["eval/geneval"].round(3).fillna(-1).tolist() == [0.2, 0.2, -1]
-    fig = curves.plot({"b": metrics}, ["kl_ref"], logy=("kl_ref",), path=tmp_path / "c.png")
+    fig = viz.panels({"b": metrics}, ["kl_ref"], logy=("kl_ref",), path=tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
     assert [line.get_xdata()[0] for line in fig.axes[0].lines[1:]] == [4]  # the second stage starts after 4
 

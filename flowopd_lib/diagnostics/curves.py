@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import viz
+
 
 def chained_metrics(run_dirs: list[str | Path]) -> pd.DataFrame:
     """metrics.csv of each run in order, `step` shifted by the updates of the runs before it;
@@ -49,39 +51,6 @@ def every(metrics: pd.DataFrame, columns: list[str], interval: int) -> pd.DataFr
     return table.rename_axis("update")
 
 
-def plot(runs: dict[str, pd.DataFrame], columns: list[str], logy: tuple[str, ...] = (), title: str = "", path=None):
-    """One panel per column, one line per run (label -> its chained metrics) against its update,
-    a dotted line where a chain's later stage begins."""
-    import matplotlib.pyplot as plt
-
-    ncols = min(3, len(columns))
-    nrows = -(-len(columns) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.7 * nrows), squeeze=False)
-    for ax in axes.flat[len(columns):]:
-        ax.axis("off")
-    for label, metrics in runs.items():
-        starts = metrics.groupby("stage", sort=False)["step"].min().iloc[1:] - 1
-        for ax, column in zip(axes.flat, columns):
-            if column not in metrics:
-                continue
-            rows = metrics[["step", column]].dropna()
-            line, = ax.plot(rows["step"], rows[column], marker="." if len(rows) < 60 else None, lw=1, label=label)
-            for start in starts:
-                ax.axvline(start, color=line.get_color(), ls=":", lw=1)
-    for ax, column in zip(axes.flat, columns):
-        ax.set_title(column, fontsize=9)
-        ax.set_xlabel("update")
-        if column in logy:
-            ax.set_yscale("log")
-    if len(runs) > 1:
-        axes.flat[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="training run folders (with metrics.csv); A+B: B continued A")
@@ -98,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{label}\n")
         print(every(metrics, [c for c in args.columns if c in metrics], args.every).round(3).to_markdown())
     if args.out:
-        plot(runs, args.columns, tuple(args.logy), args.title, args.out)
+        viz.panels(runs, args.columns, tuple(args.logy), args.title, args.out)
         print(f"figure: {args.out}")
 
 
