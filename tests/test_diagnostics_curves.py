@@ -38,6 +38,8 @@ def test_cli_plots_chains_and_single_runs_side_by_side(tmp_path, capsys):
     assert "\nb\n" in printed and "\nc\n" in printed and (tmp_path / "f.png").exists()
     with pytest.raises(SystemExit, match="same name"):
         curves.main([str(other), f"{first}+{other}", "--columns", "kl_ref"])
+    with pytest.raises(SystemExit, match=r"no run has column\(s\) \['kl_rf'\]; they have \['eval/geneval', 'kl_ref', 'step'\]"):
+        curves.main([str(other), "--columns", "kl_rf"])
 
 
 def test_missing_runs_and_columns_are_named(tmp_path):

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = {Path(chain.split("+")[-1]).name: chained_metrics(chain.split("+")) for chain in args.runs}
     if len(runs) < len(args.runs):
         raise SystemExit(f"error: two runs end in folders of the same name: {args.runs}")
+    present = set().union(*runs.values())
+    absent = [c for c in args.columns if c not in present]
+    if absent:
+        raise SystemExit(f"error: no run has column(s) {absent}; they have {sorted(present - {'stage'})}")
     for label, metrics in runs.items():
         print(f"\n{label}\n")
         print(every(metrics, [c for c in args.columns if c in metrics], args.every).round(3).to_markdown())
