@@ -305,8 +305,14 @@ def test_two_ranks_match_one_process(tmp_path):
     two = torch.load(out2 / "checkpoints" / "step_0000002" / "state.pt", weights_only=False)["adapter"]
     one = torch.load(out1 / "checkpoints" / "step_0000002" / "state.pt", weights_only=False)["adapter"]
     assert any(not torch.equal(one[k], initial[0][k]) for k in one)  # it trained
-    for key in one:  # gloo's sum order differs from one process's; Adam at lr 3e-2 amplifies it to ~3e-5
-        torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=1e-4, msg=key)
+    for key in one:
+        # gloo's sum order differs from one process's, and the CPU's kernels (AVX2 or AVX-512) round
+        # differently; Adam at lr 3e-2 turns a near-zero gradient's rounding into a full-size step on a
+        # few elements (1e-3 on 6 of 256 on an AVX-512 box, 3e-5 on AVX2). A rank that skipped the
+        # all-reduce would step elsewhere by about the whole update; so: within 5% of the update.
+        moved = (one[key] - initial[0][key]).abs().max()
+        gap = (two[key] - one[key]).abs().max()
+        assert gap <= 0.05 * moved, f"{key}: two ranks end {gap:.2e} from one process, the update moved {moved:.2e}"
 
 
 def test_time_budget_counts_update_time_across_resumes(tmp_path):

@@ -63,7 +63,9 @@ def test_prompt_embeddings_are_the_pipelines_and_cached(pipe, model):
     # "" is SD3's unconditional prompt: the pipeline's own negative embeddings under CFG
     _, negative_tokens, _, negative_pooled = pipe.encode_prompt(prompt="a red cat", prompt_2=None, prompt_3=None,
                                                                 do_classifier_free_guidance=True)
-    assert torch.allclose(embeds.tokens[2], negative_tokens[0]) and torch.allclose(embeds.pooled[2], negative_pooled[0])
+    # a batch of three against a batch of one: float rounding differs by ~2e-7 on AVX-512 kernels
+    assert torch.allclose(embeds.tokens[2], negative_tokens[0], atol=1e-6)
+    assert torch.allclose(embeds.pooled[2], negative_pooled[0], atol=1e-6)
 
 
 def test_latent_shape_follows_resolution(pipe, model):
