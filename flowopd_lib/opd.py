@@ -231,7 +231,8 @@ class OPDTrainer(OnPolicyTrainer):
             index = torch.tensor([i for i, n in enumerate(per_sample) if n == name])
             part = traj if len(index) == len(traj) else traj.select(index)
             with adapters.folded(self.model, name):
-                v = torch.stack([self.policy_velocity(part, k) for k in steps], dim=1)
+                v = self.in_chunks(len(part), lambda i: torch.stack(
+                    [self.policy_velocity(part.select(i), k) for k in steps], dim=1))
             if out is None:
                 out = v.new_empty(len(traj), *v.shape[1:])
             out[index.to(out.device)] = v
@@ -276,14 +277,18 @@ class OPDTrainer(OnPolicyTrainer):
         return labels, self.kl_metrics(traj, kls[:, :cfg.trained_steps])
 
     def kl_metrics(self, traj: rollout.Trajectories, kls: torch.Tensor) -> dict[str, float]:
-        """teacher_kl/<task>: mean per-step KL of the rollout policy to each task's teacher."""
+        """teacher_kl/<task>: mean per-step KL of the rollout policy to each task's teacher, over
+        every process's samples. Iterates over the config's tasks (the same list on every process,
+        whatever tasks this one holds) and reduces them all in one collective."""
         tasks = [p.task for p in traj.prompts]
-        out = {}
-        for task in sorted(set(tasks)):
-            mask = torch.tensor([t == task for t in tasks], device=kls.device)
-            total = self.global_sum(torch.stack([kls[mask].sum(), mask.sum() * kls.new_tensor(kls.shape[1])]))
-            out[f"teacher_kl/{task}"] = (total[0] / total[1]).item()
-        return out
+        local = {}
+        for task in self.cfg.datasets:
+            mask = torch.tensor([t == task for t in tasks], dtype=torch.bool, device=kls.device)
+            local[f"{task}/sum"] = kls[mask].sum()
+            local[f"{task}/count"] = mask.sum() * kls.shape[1]
+        totals = self.dist.sum_named(local, list(local))
+        return {f"teacher_kl/{task}": (totals[f"{task}/sum"] / totals[f"{task}/count"]).item()
+                for task in self.cfg.datasets if totals[f"{task}/count"] > 0}
 
     # -- the per-step objective
     def step_loss(self, traj, labels, k, v):

@@ -41,8 +41,9 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import adapters, checkpoint, data, rollout
+from . import adapters, checkpoint, data, precision, rollout
 from .config import Config, ConfigError, param
+from .distributed import Collectives
 from .models.base import FlowModel
 from .tasks import TASKS
 from .tracking import Run
@@ -200,6 +201,13 @@ def nonfinite_term(terms: list) -> str | None:
     return None
 
 
+# Metrics also reported for the first minibatch alone (`<name>_first_minibatch`): there the policy has
+# not moved since the rollout, so the PPO ratio must be 1 up to numerics. On GPUs, bf16 kernels that
+# round differently at the rollout's and the training's batch sizes make it deviate; if that deviation
+# is near the clip range (1e-4), clipping acts on noise (docs/gpu.md).
+FIRST_MINIBATCH_METRICS = ("ratio_dev", "clip_fraction")
+
+
 def sample_seed(seed: int, update: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, update, index]).generate_state(1)[0])
 
@@ -217,7 +225,9 @@ class OnPolicyTrainer:
         self.cfg, self.eval_fn = cfg, eval_fn
         self.prompt_source = prompt_source or (lambda task, n, seed: data.prompts(task, n, "train", seed, cfg.prompt_root))
         self.acc = accelerator or Accelerator()
+        self.dist = Collectives(self.acc)
         check_world(self.acc.num_processes)
+        precision.configure_backends(self.acc.device)
         if cfg.prompts_per_update % self.acc.num_processes:
             raise ConfigError(f"prompts_per_update={cfg.prompts_per_update} must be divisible by the "
                               f"{self.acc.num_processes} processes (prompt groups stay whole on one process)")
@@ -230,7 +240,8 @@ class OnPolicyTrainer:
         else:
             # seeded from (cfg.seed, name): every run of this config and every rank starts alike
             adapters.add(self.model, cfg.adapter, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
-        self.params = adapters.parameters(self.model, cfg.adapter, trainable=True)
+        # float32 whatever the base's dtype (precision.py), before the optimizer and EMA copy them
+        self.params = precision.float32_trainables(adapters.parameters(self.model, cfg.adapter, trainable=True))
         self.param_names = [n for n, _ in adapters.named_parameters(self.model, cfg.adapter)]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMAModel(self.params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -312,6 +323,15 @@ class OnPolicyTrainer:
         s = traj.sigmas[k].expand(len(traj))
         return rollout.guided_velocity(self.model, traj.latents[:, k], s, traj.cond, traj.uncond, self.cfg.cfg_scale)
 
+    def in_chunks(self, n: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """fn(index) over sub-batches of at most `micro_batch` of n samples, concatenated: the no-grad
+        labelling forwards (reference, teachers, anchor, old policy) then peak at the same batch as
+        training does, not at every local sample at once (144 x CFG 2 per GPU on SD3.5-M)."""
+        index = torch.arange(n)
+        if not self.cfg.micro_batch or n <= self.cfg.micro_batch:
+            return fn(index)
+        return torch.cat([fn(chunk) for chunk in index.split(self.cfg.micro_batch)])
+
     def minibatch_of(self, update: int, epoch: int, n_global: int) -> torch.Tensor:
         """Minibatch id of every global sample: a seeded permutation dealt round-robin."""
         perm = np.random.default_rng([self.cfg.seed, update, epoch, 3]).permutation(n_global)
@@ -319,15 +339,13 @@ class OnPolicyTrainer:
         ids[perm] = np.arange(n_global) % self.cfg.minibatches
         return torch.from_numpy(ids)
 
-    def global_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(t, reduction="sum") if self.acc.num_processes > 1 else t
-
     def optimize(self, traj: rollout.Trajectories, labels: dict[str, torch.Tensor], update: int) -> dict[str, float]:
         cfg = self.cfg
         n_global = len(traj) * self.acc.num_processes
         block = self.local_block(n_global)
         sums: dict[str, torch.Tensor] = {}
         count = torch.zeros((), device=self.acc.device)
+        first_count = torch.zeros((), device=self.acc.device)
         grad_norms = []
         with adapters.active(self.model, cfg.adapter):
             self.model.transformer.train()
@@ -338,7 +356,7 @@ class OnPolicyTrainer:
                     index = index[labels["weight"][index].cpu() > 0]  # samples without signal cost no forward
                     weight = labels["weight"][index]
                     # Normalise by the global number of (sample, step) terms of this minibatch.
-                    norm = self.global_sum(weight.sum().to(self.acc.device)) * cfg.trained_steps
+                    norm = self.dist.sum(weight.sum().to(self.acc.device)) * cfg.trained_steps
                     self.opt.zero_grad(set_to_none=False)
                     terms = []  # (prompts, term index, loss, metrics) of each term, checked once below
                     if norm > 0:
@@ -354,7 +372,12 @@ class OnPolicyTrainer:
                                               {n: v.detach() for n, v in metrics.items()}))
                                 for name, value in {"loss": loss, **metrics}.items():
                                     sums[name] = sums.get(name, 0) + (value.detach() * w).sum()
+                                    if epoch == 0 and mb == 0 and name in FIRST_MINIBATCH_METRICS:
+                                        key = f"{name}_first_minibatch"
+                                        sums[key] = sums.get(key, 0) + (value.detach() * w).sum()
                         count += weight.sum() * cfg.trained_steps
+                        if epoch == 0 and mb == 0:
+                            first_count += weight.sum() * cfg.trained_steps
                     self.stop_if_nonfinite(nonfinite_term(terms), update)
                     self.all_reduce_grads()
                     grad_norms.append(self.clip_gradients(update))
@@ -363,9 +386,14 @@ class OnPolicyTrainer:
                         if self.ema is not None:
                             self.ema.step(self.params)
             self.model.transformer.eval()
-        total = self.global_sum(count).clamp_min(1)
-        out = {name: (self.global_sum(torch.as_tensor(v, device=self.acc.device)) / total).item()
-               for name, v in sums.items()}
+        # One reduction over the metric names of ANY rank: a rank that ran no micro-batch (all its
+        # groups without signal) has no names of its own but must still join it.
+        names = self.dist.union(sums)
+        totals = self.dist.sum_named({**sums, "_count": count, "_first_count": first_count},
+                                     [*names, "_count", "_first_count"])
+        total, first_total = totals.pop("_count").clamp_min(1), totals.pop("_first_count").clamp_min(1)
+        out = {name: (v / (first_total if name.endswith("_first_minibatch") else total)).item()
+               for name, v in totals.items()}
         return {**out, "grad_norm": float(np.mean(grad_norms))}
 
     def clip_gradients(self, update: int) -> float:
@@ -396,7 +424,7 @@ class OnPolicyTrainer:
         left waiting in a collective for one that stopped)."""
         flags = torch.zeros(self.acc.num_processes, device=self.acc.device)
         flags[self.acc.process_index] = float(problem is not None)
-        flags = self.global_sum(flags)
+        flags = self.dist.sum(flags)
         if not flags.any():
             return
         if problem is None:
@@ -458,6 +486,7 @@ class OnPolicyTrainer:
         self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.acc.device)
         self.update = state["update"]
         self.train_seconds = state.get("train_seconds", 0.0)
 
@@ -535,7 +564,8 @@ class OnPolicyTrainer:
         """Continue from the newest complete checkpoint, if any (a corrupt newest one is skipped
         with a warning naming it; checkpoints that all fail to load are a CheckpointError)."""
         self.check_resumable()
-        found = checkpoint.load_latest(self.ckpt_dir, restore_rng=False, required=("adapter", "optimizer", "update"))
+        found = checkpoint.load_latest(self.ckpt_dir, restore_rng=False, required=("adapter", "optimizer", "update"),
+                                       map_location=self.acc.device)  # this process's device, not the saver's
         self.acc.wait_for_everyone()  # every process has read config.yaml before the main one rewrites it
         if found is None:
             return
@@ -567,8 +597,7 @@ class OnPolicyTrainer:
                 self.update = update + 1
                 self.train_seconds += time.time() - t_update
                 # the budget counts update time carried across resumes (not evaluation or checkpoints)
-                spent = torch.tensor(float(self.train_seconds >= budget_seconds), device=self.acc.device)
-                over_budget = bool(self.global_sum(spent) > 0)
+                over_budget = self.dist.any(self.train_seconds >= budget_seconds)
                 last = self.update == cfg.updates or over_budget
                 if self.update % cfg.checkpoint_every == 0 or last:
                     self.save_checkpoint()

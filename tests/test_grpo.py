@@ -186,7 +186,8 @@ def test_a_process_without_weighted_samples_still_takes_part_in_the_step(tmp_pat
     traj = trainer.rollout(0)
     labels, _ = trainer.label(traj, 0)
     labels["weight"] = torch.zeros_like(labels["weight"])
-    trainer.global_sum = lambda t: t + 1 if t.ndim == 0 else t  # another process holds weighted samples
+    sum_here = trainer.dist.sum
+    trainer.dist.sum = lambda t: t + 1 if t.ndim == 0 else sum_here(t)  # another process holds weighted samples
     metrics = trainer.optimize(traj, labels, 0)
     assert metrics["grad_norm"] == 0
 
@@ -325,3 +326,12 @@ def test_time_budget_counts_update_time_across_resumes(tmp_path):
     resumed.train(resume=True)
     assert resumed.update == 1 and resumed.train_seconds == first.train_seconds
     assert len(Path(cfg.out_dir, "metrics.csv").read_text().splitlines()) == 2  # header + update 1
+
+
+def test_first_minibatch_reports_the_ppo_ratio_before_any_step(tmp_path):
+    """At the first minibatch the policy equals the rollout's: its ratio deviation is numerics only
+    (0 up to float32 rounding on CPU), the number to read on GPUs under bf16 (trainer.py)."""
+    trainer = GRPOTrainer(tiny_model(), tiny_cfg(tmp_path, minibatches=2))
+    metrics = trainer.run_update(0)
+    assert metrics["ratio_dev_first_minibatch"] < 1e-4 and metrics["clip_fraction_first_minibatch"] == 0
+    assert metrics["ratio_dev"] >= metrics["ratio_dev_first_minibatch"]  # the second minibatch moved
