@@ -65,7 +65,7 @@ def add(model, name: str, rank: int = 8, alpha: float | None = None, targets=LOR
         raise ValueError(f"{BASE!r} is reserved for the base model")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
                         init_lora_weights="gaussian" if gaussian_init else False)
-    with warnings.catch_warnings(), _global_rng_kept(seed is not None):
+    with warnings.catch_warnings(), _global_rng_kept(seed is not None, next(model.transformer.parameters()).device):
         # peft warns that the model already has adapters: that is the design
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         model.transformer.add_adapter(config, adapter_name=name)
@@ -76,13 +76,15 @@ def add(model, name: str, rank: int = 8, alpha: float | None = None, targets=LOR
 
 
 @contextmanager
-def _global_rng_kept(keep: bool):
-    """Restore the global torch RNGs afterwards (peft's layer construction draws from them)."""
+def _global_rng_kept(keep: bool, device):
+    """Restore the global torch RNGs afterwards (peft's layer construction draws from them): the
+    CPU's and the model's own device's only (precision.rng_kept)."""
     if not keep:
         yield
         return
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    from .precision import rng_kept
+
+    with rng_kept(device):
         yield
 
 

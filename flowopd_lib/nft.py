@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from . import adapters
+from . import adapters, precision
 from .config import param
 from .forward_rl import ForwardRLConfig, ForwardRLTrainer
 from .models.base import FlowModel
@@ -80,7 +80,8 @@ class NFTTrainer(ForwardRLTrainer):
         adapters.add(self.model, self.old_name, rank=trained.r, alpha=trained.lora_alpha,
                      targets=sorted(trained.target_modules))
         self.model.transformer.set_adapter(cfg.adapter)  # the trained adapter stays the active, trainable one
-        self.old_params = adapters.parameters(self.model, self.old_name, trainable=False)
+        # float32 like the trained adapter: at decay 0.999 a bf16 `old` would stop moving
+        self.old_params = precision.float32_trainables(adapters.parameters(self.model, self.old_name, trainable=False))
         self.copy_to_old(decay=0.0)  # old starts as the trained adapter
 
     @property

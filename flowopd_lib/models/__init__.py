@@ -15,15 +15,25 @@ BASES = {"toy": ASSETS / "base_toy"}
 SD3_BASES = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium"}
 
 
-def load_base(name: str = "toy") -> FlowModel:
+# T5 tokens of an SD3 prompt: Flow-GRPO, DiffusionNFT and the published teachers use 128 (diffusers'
+# default is 256: twice the context memory, and a context the teachers were not trained with).
+SD3_MAX_SEQUENCE_LENGTH = 128
+
+
+def load_base(name: str = "toy", device=None) -> FlowModel:
     """The frozen base model every teacher, merge and student adapts (eval mode, no grads):
     a toy model ('toy' or a ToyFlowModel.save directory) or SD3 ('sd3.5-medium', a hub id, or a
-    diffusers pipeline folder with model_index.json; bf16 on GPU)."""
+    diffusers pipeline folder with model_index.json). SD3 goes to `device` (default: this process's
+    device as accelerate sees it: its own GPU under accelerate launch) in bf16 on GPUs, float32
+    on the CPU (precision.py: trained LoRA weights are float32 either way)."""
     if name in SD3_BASES or (Path(name) / "model_index.json").exists() or name.startswith("stabilityai/"):
         import torch
+        from accelerate import PartialState
 
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return SD3FlowModel.from_pretrained(SD3_BASES.get(name, name), dtype=dtype).requires_grad_(False)
+        device = torch.device(device) if device is not None else PartialState().device
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return SD3FlowModel.from_pretrained(SD3_BASES.get(name, name), dtype=dtype, device=device,
+                                            max_sequence_length=SD3_MAX_SEQUENCE_LENGTH).requires_grad_(False)
     if name in BASES:
         path = BASES[name]
     elif Path(name).is_dir():

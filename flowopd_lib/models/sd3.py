@@ -51,6 +51,8 @@ class SD3FlowModel(FlowModel):
     feeds zeros in its place, as SD3 was trained to accept.
     """
 
+    max_cached_prompts = 256  # ~0.7 GB of bf16 embeddings at 256 T5 tokens (FlowModel.encode_prompts)
+
     def __init__(self, pipeline, resolution: int | None = None, max_sequence_length: int = 256):
         super().__init__()
         self.pipeline = pipeline  # a plain attribute: used for encode_prompt, not an nn.Module
@@ -116,12 +118,18 @@ class SD3FlowModel(FlowModel):
         """`FlowModel.velocity` in the transformer's dtype: inputs are cast to it (float32 latents
         into a bf16 MMDiT), the timestep 1000 s stays float32 as in the pipeline (bf16 would round
         it), and the velocity comes back in x's dtype."""
-        dtype = self.transformer.dtype
+        dtype = self.compute_dtype
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
         v = self.transformer(hidden_states=x.to(dtype), encoder_hidden_states=embeds.tokens.to(x.device, dtype),
                              pooled_projections=embeds.pooled.to(x.device, dtype), timestep=1000 * sigma,
                              return_dict=False)[0]
         return v.to(x.dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The frozen MMDiT's dtype (bf16 on GPUs), read from a base weight: trained LoRA weights are
+        float32 (precision.py), so "the transformer's dtype" of diffusers could name either."""
+        return self.transformer.pos_embed.proj.weight.dtype
 
     # -- latents <-> images
     @property
