@@ -91,12 +91,16 @@ class ForwardRLTrainer(GRPOTrainer):
     def label(self, samples: rollout.FinalSamples, update: int):
         labels, metrics = self.reward_labels(samples)
         labels["sigma"], labels["noise"] = self.training_points(samples)
+        sigma, noise = labels["sigma"], labels["noise"]
+
+        def velocities(i: torch.Tensor) -> torch.Tensor:  # [b, J, ...] of the samples at index i
+            part = samples.select(i)
+            return torch.stack([self.velocity_at(part, self.noised(part.latents, noise[i, j], sigma[i, j]), sigma[i, j])
+                                for j in range(self.cfg.train_timesteps)], dim=1)
+
         for key, adapter in self.frozen_adapters().items():
             with adapters.active(self.model, adapter):
-                labels[key] = torch.stack([
-                    self.velocity_at(samples, self.noised(samples.latents, labels["noise"][:, j], labels["sigma"][:, j]),
-                                     labels["sigma"][:, j])
-                    for j in range(self.cfg.train_timesteps)], dim=1)
+                labels[key] = self.in_chunks(len(samples), velocities)
         return labels, metrics
 
     # ------------------------------------------------------------------ training terms

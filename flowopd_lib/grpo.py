@@ -176,7 +176,8 @@ class GRPOTrainer(OnPolicyTrainer):
         """[B, K, C, h, w] velocities of the base (adapters off) at the trained steps' states; fixed
         during the update, so computed once and reused by every minibatch and inner epoch."""
         with adapters.active(self.model, None):
-            return torch.stack([self.policy_velocity(traj, k) for k in range(self.cfg.trained_steps)], dim=1)
+            return self.in_chunks(len(traj), lambda i: torch.stack(
+                [self.policy_velocity(traj.select(i), k) for k in range(self.cfg.trained_steps)], dim=1))
 
     def step_loss(self, traj, labels, k, v):
         cfg = self.cfg

@@ -210,3 +210,21 @@ def test_from_pretrained_loads_a_saved_pipeline(pipe, model, tmp_path):
     assert half.vae.dtype == torch.float32
     images = rollout.generate(half, PROMPTS[:1], steps=1, cfg_scale=4.5)
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+def test_prompt_cache_is_bounded_and_keeps_what_it_returns():
+    """SD3 embeddings are ~2.7 MB a prompt: the cache keeps the most recently used ones only."""
+    from flowopd_lib.models import SD3FlowModel, tiny_sd3_pipeline
+
+    model = SD3FlowModel.from_pipeline(tiny_sd3_pipeline())
+    model.max_cached_prompts = 3
+    first = model.encode_prompts(["a cat", ""])
+    for text in ["red square", "blue cat", "green dog", "a cat"]:
+        model.encode_prompts([text, ""])
+    assert len(model._embed_cache) == 3 and "" in model._embed_cache  # "" is used every time
+    again = model.encode_prompts(["a cat", ""])
+    # re-encoded after eviction, in another batch: CLIP's pooled output moves by ~2e-7 with the batch
+    assert torch.allclose(again.tokens, first.tokens, atol=1e-6)
+    assert torch.allclose(again.pooled, first.pooled, atol=1e-6)
+    many = model.encode_prompts([f"prompt {i}" for i in range(5)])  # more than fit: still all returned
+    assert len(many) == 5 and len(model._embed_cache) == 3
