@@ -1,7 +1,10 @@
 """Real-scale rewards, offline: RapidOCR on text rendered with PIL, PickScore_v1's scoring on a
 tiny random CLIP, the reward-server clients against a loopback stub server speaking Flow-GRPO's
-protocol (batching, retries, timeouts, unreachable servers, hostile pickles), and AsyncScorer."""
+protocol (batching, retries within a time budget on a fake clock, timeouts, unreachable servers,
+hostile pickles), and AsyncScorer."""
 import collections
+import http.server
+import logging
 import os
 import pickle
 import socket
@@ -9,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import contextlib
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
@@ -160,12 +164,11 @@ def test_server_retries_with_backoff_then_answers():
         return geneval_answer(request, call)
 
     prompts = toy.sample_prompts("geneval", 2, split="test", seed=1)
+    clock = FakeClock()
     with stub_server(flaky) as (url, received):
-        start = time.perf_counter()
-        out = GenEvalServer(url=url, attempts=3, backoff=0.05)(gray_images(2), prompts)
-        waited = time.perf_counter() - start
+        out = GenEvalServer(url=url, backoff=0.05, clock=clock, sleep=clock.sleep)(gray_images(2), prompts)
     assert len(received) == 3 and out["reward"].shape == (2,)
-    assert waited >= 0.05 + 0.1  # backoff 0.05 s, then 0.1 s
+    assert clock.sleeps == [0.05, 0.1]  # backoff 0.05 s, then twice that
 
     with stub_server(lambda request, call: (500, b"Traceback\nRuntimeError: detector crashed")) as (url, received):
         with pytest.raises(RewardServerError, match=f"{url}.*failed 2 times.*detector crashed"):
@@ -197,6 +200,102 @@ def test_unreachable_server_names_the_url_and_the_variable():
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RewardServerError, match=f"{url} failed 2 times.*FLOWOPD_GENEVAL_URL"):
         GenEvalServer(url=url, attempts=2, backoff=0.01)(gray_images(1), toy.sample_prompts("geneval", 1))
+
+
+class FakeClock:
+    """time.monotonic / time.sleep stand-ins: sleeping advances the clock at once, so retry budgets of
+    minutes are tested without waiting."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_retries_back_off_to_30_s_until_the_time_budget_then_say_what_happened(caplog):
+    url, clock = dead_url(), FakeClock()
+    client = GenEvalServer(url=url, backoff=1.0, retry_minutes=2, clock=clock, sleep=clock.sleep)
+    with caplog.at_level(logging.WARNING, logger="flowopd_lib.rewards.real.server"):
+        with pytest.raises(RewardServerError) as raised:
+            client(gray_images(1), toy.sample_prompts("geneval", 1))
+    # 1+2+4+8+16+30+30 = 91 s; one more 30 s pause would start a try after the 120 s budget
+    assert clock.sleeps == [1, 2, 4, 8, 16, 30, 30]
+    message = str(raised.value)
+    for part in (url, "failed 8 times over 91 s", "2 min budget", "FLOWOPD_REWARD_RETRY_MINUTES", "FLOWOPD_GENEVAL_URL"):
+        assert part in message, (part, message)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 7 and all(url in w and "retrying in" in w for w in warnings)
+
+
+def test_retry_budget_comes_from_the_environment_at_each_call(monkeypatch):
+    url, clock = dead_url(), FakeClock()
+    client = DeQAServer(url=url, clock=clock, sleep=clock.sleep)
+    monkeypatch.delenv("FLOWOPD_REWARD_RETRY_MINUTES", raising=False)
+    with pytest.raises(RewardServerError, match="10 min budget"):  # the default
+        client(gray_images(1), ["x"])
+    assert max(clock.sleeps) == 30 and 600 - 30 < sum(clock.sleeps) <= 600
+    clock.sleeps.clear()
+    monkeypatch.setenv("FLOWOPD_REWARD_RETRY_MINUTES", "0.5")
+    with pytest.raises(RewardServerError, match="failed 5 times over 15 s"):
+        client(gray_images(1), ["x"])
+    assert clock.sleeps == [1, 2, 4, 8]
+    monkeypatch.setenv("FLOWOPD_REWARD_RETRY_MINUTES", "0")
+    with pytest.raises(RewardServerError, match="failed 1 time over 0 s"):  # no budget: one try
+        client(gray_images(1), ["x"])
+    monkeypatch.setenv("FLOWOPD_REWARD_RETRY_MINUTES", "soon")
+    with pytest.raises(ValueError, match="FLOWOPD_REWARD_RETRY_MINUTES='soon'"):
+        client(gray_images(1), ["x"])
+    with pytest.raises(ValueError, match="retry_minutes"):
+        DeQAServer(retry_minutes=-1)
+
+
+@contextmanager
+def deqa_on(port: int):
+    """A DeQA-like server on a given port (a worker coming back where it was)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            request = restricted_loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = pickle.dumps({"outputs": [0.9] * len(request["images"])})
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_server_restart_of_minutes_is_ridden_out():
+    port, clock, restarted = free_port(), FakeClock(), contextlib.ExitStack()
+    back = []
+
+    def sleep(seconds):  # the worker is back 5 minutes after it went away
+        clock.sleep(seconds)
+        if clock.now >= 300 and not back:
+            back.append(restarted.enter_context(deqa_on(port)))
+
+    with restarted:
+        out = DeQAServer(url=f"http://127.0.0.1:{port}", clock=clock, sleep=sleep)(gray_images(2), ["x", "y"])
+    assert out["reward"].tolist() == pytest.approx([0.9, 0.9])
+    assert 300 <= clock.now <= 300 + 30  # it tried again within one capped pause of the return
 
 
 class Exploit:
