@@ -75,12 +75,13 @@ def dataset_files(root: str | Path, split: str, tasks: tuple[str, ...] = TASKS) 
     return {task: prompt_file(task, split, Path(root)) for task in tasks}
 
 
-def prompt_source(task_to_file: dict[str, str | Path]) -> Callable[[str, int, int], list[Prompt]]:
+def prompt_source(task_to_file: dict[str, str | Path], cycle: bool = True) -> Callable[[str, int, int], list[Prompt]]:
     """A `(task, n, seed) -> n prompts` callable over the given files (read now, once).
 
     Draws follow `toy.sample_prompts`' contract: a seeded permutation of the file's prompts,
     re-permuted when exhausted; same seed, same prompts (fresh copies, so callers may edit them).
-    Sampling is uniform over the file's lines, as Flow-GRPO's sampler is.
+    Sampling is uniform over the file's lines, as Flow-GRPO's sampler is. With `cycle=False` (test
+    sets) asking for more prompts than a file holds is a `TestSetTooSmall` error instead.
     """
     pools = {task: load_prompts(path, task) for task, path in task_to_file.items()}
     for task, pool in pools.items():
@@ -90,15 +91,40 @@ def prompt_source(task_to_file: dict[str, str | Path]) -> Callable[[str, int, in
     def source(task: str, n: int, seed: int) -> list[Prompt]:
         if task not in pools:
             raise ValueError(f"no prompt file for task {task!r}; files are given for {sorted(pools)}")
+        if not cycle:
+            check_test_size(task, n, len(pools[task]), task_to_file[task])
         return [copy.deepcopy(p) for p in _cycle(pools[task], n, np.random.default_rng(seed))]
 
     return source
 
 
+class TestSetTooSmall(ValueError):
+    """More test prompts were asked for than the test file holds (a test set is never cycled)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+def check_test_size(task: str, n: int, size: int, path: str | Path) -> None:
+    """Refuse to draw n test prompts from a file of `size`: cycling would count prompts twice and
+    report a test set that does not exist."""
+    if n > size:
+        raise TestSetTooSmall(
+            f"{path} holds {size} test prompts for task {task!r} but {n} were asked for: a test set is never "
+            f"cycled (repeated prompts would weigh twice). Ask for at most {size} (eval_prompts: {{{task}: {size}}}; "
+            f"more images per prompt come from eval_samples), or point the task at a bigger test file.")
+
+
 def prompts(task: str, n: int, split: str = "train", seed: int = 0, root: str | Path | None = None) -> list[Prompt]:
     """n seeded prompts of a task from a split: the toy world's shipped files (root None) or the
-    files of a Flow-GRPO `dataset/` folder at `root`. What trainers and evaluation draw from."""
+    files of a Flow-GRPO `dataset/` folder at `root`. What trainers and evaluation draw from.
+
+    The test split is never cycled: more than its file holds is a `TestSetTooSmall` error. One
+    exception, the toy world's GenEval test set: `toy.sample_prompts` draws it tag by tag in turn
+    so that every category weighs the same, repeating the small tags' prompts by design (docs/toy_world.md;
+    90 draws with seed 0 hold 56 distinct prompts), so any n is allowed there, as before."""
     if root is None:
-        from .toy.splits import sample_prompts
+        from .toy.splits import prompt_file, read_prompts, sample_prompts
+        if split == "test" and task != "geneval":
+            check_test_size(task, n, len(read_prompts(task, split)), prompt_file(task, split))
         return sample_prompts(task, n=n, split=split, seed=seed)
-    return prompt_source(dataset_files(root, split))(task, n, seed)
+    return prompt_source(dataset_files(root, split), cycle=split != "test")(task, n, seed)

@@ -69,10 +69,3 @@ class Collectives:
         total = self.sum(torch.stack(values))
         return dict(zip(names, total.unbind()))
 
-
-def shard(n: int, rank: int, world: int) -> range:
-    """Rank `rank`'s contiguous block of n items split over `world` ranks as evenly as possible
-    (the first n % world ranks hold one more; a rank may hold none when n < world)."""
-    per, extra = divmod(n, world)
-    start = rank * per + min(rank, extra)
-    return range(start, start + per + (rank < extra))

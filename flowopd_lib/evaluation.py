@@ -3,7 +3,8 @@
 Protocol (the paper's, in miniature: docs/toy_world.md): test prompts of each task, ODE sampling with fixed
 steps, CFG and seeds (every model starts from the same noise), each task judged by its reward:
 
-    geneval          strict GenEval accuracy on geneval prompts (+ geneval/<tag> per category)
+    geneval          GenEval accuracy on geneval prompts (+ geneval/<tag> per category): the mean over
+                     categories of the per-image correctness (`geneval_correct`)
     ocr              mean OCR reward (1 - normalised edit distance) on ocr prompts
     pickscore        learned preference score (the proxy GRPO optimises) on pickscore prompts
     pickscore_true   the hidden taste behind it (the truth: reward hacking = proxy up, truth down)
@@ -15,7 +16,15 @@ base's and its adapter's, see `fingerprint`), the judging reward's version (`rew
 the protocol, so a study evaluates each adapter once: the stage that trains it and the summary that
 tabulates it share the measurement.
 
-pass@k and headroom (`headroom`): for tasks with an exact success (`success`: GenEval strict
+GenEval's per-image correctness: the toy reward's "strict" (GenEval's rules on the toy scenes). Flow-GRPO's
+GenEval server (`geneval_server`, reward-server's gen_eval.py) reports three things per image: "scores",
+partial credit (its training reward); "strict_rewards", correct only if every count is exact (== n objects,
+exactly n of the colour); and "rewards", GenEval's own `correct` (at least n objects of the class, as
+GenEval's evaluate_images.py), computed only when the request says only_strict=False (else all 0).
+The paper's and GenEval's numbers are `correct`, so evaluation asks the server with only_strict=False
+and uses "correct" (`geneval_correct`); the server's "strict" is stricter and not GenEval's score.
+
+pass@k and headroom (`headroom`): for tasks with an exact success (`success`: GenEval's per-image
 correctness, OCR text read exactly), n samples per test prompt from the seeds seed, seed + 1, ...
 (paired: sample j of a prompt starts from the same noise for every model) give pass@k, the chance
 that at least one of k samples is exactly right (`pass_at_k`, the unbiased estimator of Chen et
@@ -24,6 +33,7 @@ what the model can already do on some draws but not reliably, the part RL can sh
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,9 +57,9 @@ EXACT_TASKS = ("geneval", "ocr")  # tasks whose samples are exactly right or not
 
 def task_metrics(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> dict[str, float]:
     """Metrics of one task from its reward's outputs (see the module docstring)."""
-    scores = rewards.score(reward_name or task, images, prompts)
+    scores = judge(task, images, prompts, reward_name)
     if task == "geneval":  # GenEval's overall score: the mean of the per-category accuracies
-        categories = rewards.geneval.per_category(scores["strict"].float().cpu(), prompts)
+        categories = rewards.geneval.per_category(geneval_correct(scores).float().cpu(), prompts)
         out = {"geneval": categories.pop("overall"), "geneval_partial": scores["reward"].float().mean().item()}
         return {**out, **{f"geneval/{tag}": acc for tag, acc in categories.items()}}
     mean = lambda key: scores[key].float().mean().item()  # noqa: E731
@@ -58,6 +68,26 @@ def task_metrics(task: str, prompts: list, images: torch.Tensor, reward_name: st
     if task == "deqa":  # on the 1-5 scale (the DeQA server's reward is quality / 5)
         return {"deqa": mean("quality" if "quality" in scores else "reward")}
     return {task: mean("reward")}
+
+
+def judge(task: str, images: torch.Tensor, prompts: list, reward_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The scores of the reward that judges `task` (default: the reward named like it), as
+    `rewards.score`; a GenEval server is asked for GenEval's own correctness too (module docstring)."""
+    name = reward_name or task
+    scorer = rewards._REGISTRY.get(name)  # rewards exposes no getter; the registered (configured) client
+    if task == "geneval" and isinstance(scorer, rewards.real.GenEvalServer) and scorer.only_strict:
+        return dataclasses.replace(scorer, only_strict=False)(images, prompts)
+    return rewards.score(name, images, prompts)
+
+
+def geneval_correct(scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-image GenEval correctness (0/1) from a GenEval scorer's output: "correct" where the scorer
+    reports it (the GenEval server asked with only_strict=False), else "strict" (the toy reward)."""
+    return scores["correct"] if "correct" in scores else scores["strict"]
+
+
+def _geneval_judged_by_server(task: str, reward: str | None) -> bool:
+    return task == "geneval" and isinstance(rewards._REGISTRY.get(reward or task), rewards.real.GenEvalServer)
 
 
 def scores_of(model: FlowModel, **kwargs) -> dict[str, float]:
@@ -102,9 +132,11 @@ def fingerprint(model) -> str:
 
 
 def _cache_key(model_fingerprint: str, task: str, prompts: list, reward: str | None, protocol: dict) -> str:
+    # results judged by a GenEval server before it was asked for `correct` used its stricter "strict"
+    judged = {"geneval_metric": "correct"} if _geneval_judged_by_server(task, reward) else {}
     text = json.dumps({"model": model_fingerprint, "task": task, "reward": reward, "prompts": [p.text for p in prompts],
                        "reward_version": rewards.version(reward or task),
-                       **protocol}, sort_keys=True)
+                       **protocol, **judged}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -112,13 +144,15 @@ def evaluate(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = 
              steps: int = 20, cfg_scale: float = 3.0, seed: int = 0, prompt_root: str | None = None,
              reward_for_task: dict[str, str] | None = None, shift: float = 1.0,
              prompts_for_task: Callable[[str, int, int], list] | None = None,
-             cache_dir: str | Path | None = None) -> pd.DataFrame:
+             cache_dir: str | Path | None = None, batch_size: int | None = None) -> pd.DataFrame:
     """The metric table: one row per model (index = name), columns as in the module docstring.
 
     Prompts: `data.prompts` of the test split (toy, or Flow-GRPO's files under `prompt_root`), or
     any `prompts_for_task(task, n, seed)`; `reward_for_task` maps a task to the reward that judges
     it (default: the reward of the same name; SD3.5-M: geneval_server, rapidocr, ...).
-    `cache_dir`: reuse results of the same weights under the same protocol (module docstring)."""
+    `cache_dir`: reuse results of the same weights under the same protocol (module docstring).
+    `batch_size`: images generated at once (None: `rollout.default_batch_size`); another size keeps
+    the noise and can change the images' last float bits (rollout's module docstring)."""
     if not isinstance(models, dict):
         models = {"model": models}
     prompts_for_task = prompts_for_task or (lambda task, n, s: data.prompts(task, n, "test", s, prompt_root))
@@ -137,7 +171,7 @@ def evaluate(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = 
                     row.update(json.loads(cached.read_text()))
                     continue
             images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                      shift=shift)
+                                      shift=shift, batch_size=batch_size)
             metrics = task_metrics(task, prompts, images, reward)
             row.update(metrics)
             if cached is not None:
@@ -182,13 +216,13 @@ def pass_at_k(successes, k: int) -> tuple[float, float]:
 
 
 def success(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> torch.Tensor:
-    """Exact success of each sample, bool [N], for N prompts and images [N, 3, H, W]: GenEval's strict
-    correctness (the reward's "strict" output), OCR's reward == 1 (the quoted text read exactly).
+    """Exact success of each sample, bool [N], for N prompts and images [N, 3, H, W]: GenEval's
+    correctness (`geneval_correct`), OCR's reward == 1 (the quoted text read exactly).
     `reward_name` as `reward_for_task` of `evaluate` (default: the reward named like the task)."""
     if task not in EXACT_TASKS:
         raise ValueError(f"task {task!r} has no exact success; tasks with one: {EXACT_TASKS}")
-    scores = rewards.score(reward_name or task, images, prompts)
-    return (scores["strict"] == 1) if task == "geneval" else (scores["reward"] == 1)
+    scores = judge(task, images, prompts, reward_name)
+    return (geneval_correct(scores) == 1) if task == "geneval" else (scores["reward"] == 1)
 
 
 def _pass_row(s: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
@@ -201,7 +235,8 @@ def _pass_row(s: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
 def headroom(model: FlowModel, tasks: tuple[str, ...] = EXACT_TASKS, n_prompts: int = 90, samples_per_prompt: int = 8,
              ks: tuple[int, ...] = (1, 4, 8), steps: int = 20, cfg_scale: float = 3.0, seed: int = 20,
              prompts_for_task: Callable[[str, int, int], list] | None = None, prompt_root: str | None = None,
-             reward_for_task: dict[str, str] | None = None, shift: float = 1.0) -> pd.DataFrame:
+             reward_for_task: dict[str, str] | None = None, shift: float = 1.0,
+             batch_size: int | None = None) -> pd.DataFrame:
     """pass@k and headroom of one model: a row per task, and for geneval one per category ("geneval/<tag>").
 
     Prompts as `evaluate` draws them (`n_prompts` test prompts per task, drawn with `seed`); sample j
@@ -227,7 +262,7 @@ def headroom(model: FlowModel, tasks: tuple[str, ...] = EXACT_TASKS, n_prompts: 
     for sample_seed in tqdm(range(seed, seed + samples_per_prompt), desc="headroom seeds"):
         for task, prompts in prompt_sets.items():
             images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale,
-                                      seed=sample_seed, shift=shift)
+                                      seed=sample_seed, shift=shift, batch_size=batch_size)
             columns[task].append(success(task, prompts, images, (reward_for_task or {}).get(task)).cpu())
     top = max(ks)
     rows = {}
@@ -256,10 +291,11 @@ def headroom(model: FlowModel, tasks: tuple[str, ...] = EXACT_TASKS, n_prompts: 
 
 def sample_values(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> dict[str, torch.Tensor]:
     """Each sample's contribution [N] to the task's metrics (the metric is their mean, per category
-    for GenEval): geneval strict correctness; ocr, pickscore (+ pickscore_true), deqa (1-5) scores."""
-    scores = rewards.score(reward_name or task, images, prompts)
+    for GenEval): geneval per-image correctness (`geneval_correct`); ocr, pickscore (+ pickscore_true),
+    deqa (1-5) scores."""
+    scores = judge(task, images, prompts, reward_name)
     if task == "geneval":
-        return {"geneval": scores["strict"].float()}
+        return {"geneval": geneval_correct(scores).float()}
     if task == "pickscore":
         return {"pickscore": scores["reward"].float(), **({"pickscore_true": scores["true"].float()}
                                                          if "true" in scores else {})}
@@ -272,12 +308,14 @@ def sample_scores(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ..
                   samples_per_prompt: int = 1, steps: int = 20, cfg_scale: float = 3.0, seed: int = 0,
                   shift: float = 1.0, prompt_root: str | None = None, reward_for_task: dict[str, str] | None = None,
                   prompts_for_task: Callable[[str, int, int], list] | None = None,
-                  cache_dir: str | Path | None = None) -> pd.DataFrame:
+                  cache_dir: str | Path | None = None, batch_size: int | None = None) -> pd.DataFrame:
     """Per-sample scores, one row per (model, metric, prompt, sample): columns model, metric, prompt
     (index in the task's prompt list), sample, stratum (GenEval's category; the task otherwise),
     value. Sample j of a prompt starts from the noise of seed + j for every model (paired), so sample
     0 is what `evaluate(seed=seed)` generates. `summarise` and `compare` turn it into tables.
-    `cache_dir`: reuse the scores of the same weights under the same protocol (as `evaluate`)."""
+    `cache_dir`: reuse the scores of the same weights under the same protocol (as `evaluate`);
+    `batch_size` as in `evaluate`. `distributed_eval.evaluate_on_ranks` makes this table with the
+    work shared over the processes of a distributed job."""
     if not isinstance(models, dict):
         models = {"model": models}
     prompts_for_task = prompts_for_task or (lambda task, n, s: data.prompts(task, n, "test", s, prompt_root))
@@ -297,7 +335,7 @@ def sample_scores(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ..
                 values = {}
                 for j in range(samples_per_prompt):
                     images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale,
-                                              seed=seed + j, shift=shift)
+                                              seed=seed + j, shift=shift, batch_size=batch_size)
                     for metric_name, v in sample_values(task, prompts, images, reward).items():
                         values.setdefault(metric_name, []).append(v.cpu().numpy())
                 values = {k: np.stack(v).astype(np.float64) for k, v in values.items()}  # [samples, prompts]
@@ -352,14 +390,15 @@ def compare(scores: pd.DataFrame, model: str, reference: str, n_boot: int = 2000
 
 
 def sample_grid(models: dict[str, FlowModel], prompts: list[str], steps: int = 20, cfg_scale: float = 3.0,
-                seed: int = 0, path=None, shift: float = 1.0):
+                seed: int = 0, path=None, shift: float = 1.0, batch_size: int | None = None):
     """A models x prompts grid of samples from the same noise (a matplotlib Figure)."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(models), len(prompts), figsize=(1.3 * len(prompts), 1.45 * len(models)),
                              squeeze=False)
     for r, (name, model) in enumerate(models.items()):
-        images = rollout.generate(model, prompts, steps=steps, cfg_scale=cfg_scale, seed=seed, shift=shift)
+        images = rollout.generate(model, prompts, steps=steps, cfg_scale=cfg_scale, seed=seed, shift=shift,
+                                  batch_size=batch_size)
         for c, image in enumerate(images):
             ax = axes[r][c]
             ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")

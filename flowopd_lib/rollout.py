@@ -1,22 +1,58 @@
 """Sampling from a FlowModel: images for evaluation (ODE or SDE, with CFG).
 
-The noise of sample i depends only on (seed, i), so results do not change with the batch size
-and the same seed gives every model the same starting noise (fair side-by-side comparisons).
+The noise of sample i depends only on (seed, i) (for latents whose size is a multiple of 16, as
+the toy's and SD3's are; see `initial_noise`), so it does not change with how the prompts are
+batched, and the same seed gives every model the same starting noise (fair side-by-side
+comparisons). `generate(..., indices=, total=)` makes any subset of a call's samples from the
+noise they get in the whole call: what each process of a sharded evaluation does
+(`distributed_eval`). Images match the whole call's bit for bit when the subset is made of the
+whole call's batches; a batch of another size can round differently (CPU and GPU kernels pick
+their blocking by batch size): by up to ~2e-4 on the shipped toy model, batch 1 against 128.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from . import flow
 from .models.base import FlowModel, PromptEmbeds
 
+# generate's default batch: at most this many latent values at once (16 SD3.5-M latents of a
+# 512 px image, 16 x 64 x 64 each; with CFG the transformer sees twice as many) and at most
+# MAX_BATCH samples (the fixed batch it had before: every toy model gets it, so the toy study's
+# numbers are unchanged).
+LATENT_VALUES_PER_BATCH = 16 * 16 * 64 * 64
+MAX_BATCH = 128
 
-def initial_noise(model: FlowModel, n: int, seed: int) -> torch.Tensor:
-    """[n, C, h, w] standard normal noise, drawn on the CPU so every device gives the same values."""
+
+def default_batch_size(model: FlowModel) -> int:
+    """Samples `generate` makes at once when not told: 128 on the toy models, 16 for SD3.5-M at 512 px."""
+    return max(1, min(MAX_BATCH, LATENT_VALUES_PER_BATCH // math.prod(model.latent_shape)))
+
+
+def initial_noise(model: FlowModel, n: int, seed: int, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """[n, C, h, w] standard normal noise, drawn on the CPU so every device gives the same values.
+
+    With `indices`, only those rows of that draw ([len(indices), C, h, w]), the noise those samples
+    get in the whole draw. torch's CPU sampler fills 16 values at a time and redraws the last 16
+    of a tensor whose size is not a multiple of 16, so a shorter draw is a prefix of a longer one
+    only when a sample's size is a multiple of 16 (the toy's 8 x 8 x 8 and SD3's 16 x h x w
+    latents): then only the rows up to the largest index are drawn, else all n."""
+    shape = model.latent_shape
+    if indices is None:
+        rows = n
+    else:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        if len(index) and (index.min() < 0 or index.max() >= n):
+            raise ValueError(f"noise indices must lie in [0, {n}); got {index.min().item()}..{index.max().item()}")
+        prefix_safe = math.prod(shape) % 16 == 0
+        rows = (int(index.max()) + 1 if len(index) else 0) if prefix_safe else n
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *model.latent_shape, generator=g).to(model.device)
+    noise = torch.randn(rows, *shape, generator=g)
+    return (noise if indices is None else noise[index]).to(model.device)
 
 
 def guided_velocity(model: FlowModel, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
@@ -31,22 +67,55 @@ def guided_velocity(model: FlowModel, x: torch.Tensor, sigma: torch.Tensor, cond
 
 @torch.no_grad()
 def generate(model: FlowModel, prompts: list[str], steps: int = 20, cfg_scale: float = 1.0, seed: int = 0,
-             noise_level: float = 0.0, shift: float = 1.0, batch_size: int = 128,
-             return_latents: bool = False) -> torch.Tensor:
+             noise_level: float = 0.0, shift: float = 1.0, batch_size: int | None = None,
+             return_latents: bool = False, indices: Sequence[int] | None = None,
+             total: int | None = None) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1] for N prompts: ODE (noise_level 0, the evaluation protocol)
-    or the Flow-GRPO SDE. CFG uses the empty prompt as the unconditional one, as SD3 does."""
+    or the Flow-GRPO SDE. CFG uses the empty prompt as the unconditional one, as SD3 does.
+
+    `batch_size` samples are made at once (None: `default_batch_size(model)`); another batch size
+    gives the same noise, and images equal up to float rounding (module docstring).
+    A subset of a bigger call: `indices` [N] says which of that call's `total` samples prompts[k]
+    is, and each gets the noise it has there (ODE only: the SDE's noise runs on through the batches).
+    Batches are then cut where the whole call cuts them (sample i in batch i // batch_size)."""
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    batch_size = batch_size or default_batch_size(model)
     sigmas = flow.sigma_schedule(steps, shift).to(model.device)
-    noise = initial_noise(model, len(prompts), seed)
+    if indices is None:
+        noise = initial_noise(model, len(prompts), seed)
+        batches = [range(start, min(start + batch_size, len(prompts))) for start in range(0, len(prompts), batch_size)]
+    else:
+        indices = [int(i) for i in indices]
+        if total is None or len(indices) != len(prompts):
+            raise ValueError(f"a subset needs one index per prompt ({len(indices)} for {len(prompts)}) and the "
+                             f"size of the whole call (total={total})")
+        if noise_level > 0:
+            raise ValueError("the SDE noise is drawn batch after batch on one generator, so a subset cannot "
+                             "reproduce it: generate subsets with the ODE (noise_level 0)")
+        noise = initial_noise(model, total, seed, indices)
+        batches = _batches_of_whole_call(indices, batch_size)
     sde_generator = torch.Generator(device=model.device).manual_seed(seed + 1) if noise_level > 0 else None
     outputs = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+    for rows in batches:
+        chunk = [prompts[k] for k in rows]
         cond = model.encode_prompts(chunk)
         uncond = model.encode_prompts([""] * len(chunk)) if cfg_scale != 1.0 else None
         velocity_fn = lambda x, s: guided_velocity(model, x, s, cond, uncond, cfg_scale)  # noqa: E731
-        latents = flow.sample(velocity_fn, noise[start:start + len(chunk)], sigmas, noise_level, sde_generator)
+        latents = flow.sample(velocity_fn, noise[rows.start:rows.stop], sigmas, noise_level, sde_generator)
         outputs.append(latents if return_latents else model.decode(latents))
     return torch.cat(outputs)
+
+
+def _batches_of_whole_call(indices: list[int], batch_size: int) -> list[range]:
+    """Runs of positions k whose samples indices[k] are consecutive and in one batch of the whole call."""
+    batches, start = [], 0
+    for k in range(1, len(indices) + 1):
+        last = indices[k - 1]
+        if k == len(indices) or indices[k] != last + 1 or indices[k] // batch_size != last // batch_size:
+            batches.append(range(start, k))
+            start = k
+    return batches
 
 
 # ----------------------------------------------------------------------------- training rollouts

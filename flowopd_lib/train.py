@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--help-config", action="store_true", help="list the stage's config fields and exit")
     args = parser.parse_args(argv)
+    from .distributed_eval import evaluator
+
     config_cls, train = trainer_for(args.stage)
     if args.help_config:
         print(config_cls.help())
@@ -55,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     values = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
     for item in args.overrides:
         values.update([parse_override(parser, item)])
-    train(config_cls.from_dict(values))  # unknown keys: ConfigError naming the closest field
+    cfg = config_cls.from_dict(values)  # unknown keys: ConfigError naming the closest field
+    # evaluation (every eval_every updates and at the end) sharded over this job's processes
+    train(cfg, eval_fn=evaluator(cfg))
 
 
 def parse_override(parser: argparse.ArgumentParser, item: str) -> tuple[str, object]:
@@ -80,17 +84,21 @@ def launch(stage: str, config, num_processes: int = 1, accelerate_config: str | 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "launch_config.yaml"
     config.to_yaml(path)
-    target = ["-m", "flowopd_lib.train", stage, str(path)]
-    env = None
-    if num_processes == 1 and accelerate_config is None:
-        command = [sys.executable, *target]
-    elif cpu_processes(accelerate_config):
-        command, env = cpu_ranks_command(num_processes, target)
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-        command += ["--config_file", accelerate_config] if accelerate_config else []
-        command += target
+    command, env = launch_command(["-m", "flowopd_lib.train", stage, str(path)], num_processes, accelerate_config)
     subprocess.run(command, check=True, env=env)
+
+
+def launch_command(target: list[str], num_processes: int = 1,
+                   accelerate_config: str | None = None) -> tuple[list[str], dict[str, str] | None]:
+    """(command, environment or None) running `python <target>` as `launch` describes: one plain
+    process, CPU ranks of torch.distributed.run, or `accelerate launch` over GPUs."""
+    if num_processes == 1 and accelerate_config is None:
+        return [sys.executable, *target], None
+    if cpu_processes(accelerate_config):
+        return cpu_ranks_command(num_processes, target)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    command += ["--config_file", accelerate_config] if accelerate_config else []
+    return command + target, None
 
 
 def cpu_processes(accelerate_config: str | None) -> bool:

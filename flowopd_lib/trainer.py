@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from . import adapters, checkpoint, data, precision, rollout
 from .config import Config, ConfigError, param
 from .distributed import Collectives
+from .distributed_eval import EvalConfig
 from .models.base import FlowModel
 from .tasks import TASKS
 from .tracking import Run
@@ -65,7 +66,8 @@ class ResumeError(ConfigError):
 # directory is, and execution settings that change memory use, not what is trained (the tests show
 # micro-batches, rollout chunks and gradient checkpointing give the same update).
 MAY_CHANGE_ON_RESUME = ("updates", "time_budget_minutes", "eval_every", "checkpoint_every", "out_dir",
-                        "micro_batch", "rollout_chunks", "gradient_checkpointing")
+                        "micro_batch", "rollout_chunks", "gradient_checkpointing",
+                        *(f.name for f in dataclasses.fields(EvalConfig)))
 
 def config_changes(saved_path: Path, cfg, ignored=()) -> list[str]:
     """`field: old -> new` for each field of the config saved at `saved_path` (a run's config.yaml)
@@ -82,7 +84,7 @@ PromptSource = Callable[[str, int, int], list]  # (task, n, seed) -> prompts of 
 
 
 @dataclasses.dataclass
-class OnPolicyConfig(Config):
+class OnPolicyConfig(EvalConfig):
     base: str = param("toy", "base model: 'toy' (the shipped one) or a directory saved by ToyFlowModel.save")
     adapter: str = param("student", "name of the trained LoRA adapter")
     init_adapter: str | None = param(None, "directory of a saved adapter to start from (e.g. a merge); None = fresh LoRA")
@@ -135,6 +137,7 @@ class OnPolicyConfig(Config):
     out_dir: str = param("runs/student", "run directory (adapter/, checkpoints/, metrics.csv)")
 
     def check(self) -> None:
+        super().check()
         unknown = [t for t in self.datasets if t not in TASKS]
         if unknown:
             raise ConfigError(f"datasets has unknown task(s) {unknown}; tasks are {list(TASKS)}")
@@ -514,7 +517,10 @@ class OnPolicyTrainer:
             self.ema.copy_to(self.params)
 
     def evaluate(self) -> dict[str, float]:
-        if self.eval_fn is None or not self.acc.is_main_process:
+        """`eval_fn` of the EMA adapter, on EVERY process: an evaluator of a distributed run shards
+        its images over the processes and gathers them (distributed_eval.evaluator), so all of them
+        must call it; with one process it is an ordinary function."""
+        if self.eval_fn is None:
             return {}
         with self.ema_weights(), adapters.active(self.model, self.cfg.adapter), torch.no_grad():
             return {f"eval/{k}": v for k, v in self.eval_fn(self.model).items()}

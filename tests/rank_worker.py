@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node N tests/rank_worker.py SPEC.json
 
 SPEC.json: {"trainer": grpo|nft|awm|opd, "model": "toy_tiny"|"tiny_sd3", "config": {...fields...},
-"report": dir}. Each rank writes report/rank{r}.json (its world, metrics of the last update) and
+"report": dir, "evaluate": bool (evaluate with the config's eval_* protocol, sharded over the ranks)}. Each rank writes report/rank{r}.json (its world, metrics of the last update) and
 report/initial{r}.pt (its adapter before training: the initial one in a fresh run).
 With one process (plain `python`) it is the single-process reference the ranks are compared with.
 The rewards registered here are deterministic functions of the images, so ranks and one process agree.
@@ -21,7 +21,9 @@ from flowopd_lib import rewards, train  # noqa: E402
 
 
 def brightness(images, prompts):
-    return {"reward": images.float().mean(dim=(1, 2, 3))}
+    """Mean brightness, also as GenEval's per-image correctness (continuous, so a misplaced sample shows)."""
+    value = images.float().mean(dim=(1, 2, 3))
+    return {"reward": value, "strict": value}
 
 
 def constant_on_ocr(images, prompts):
@@ -57,7 +59,10 @@ def main(spec_path: str) -> None:
     cfg = config_cls.from_dict(spec["config"])
     rank = int(os.environ.get("RANK", 0))
     torch.manual_seed(1000 + rank)  # each rank's global RNG differs, as on real nodes
-    trainer = trainer_class(spec["trainer"])(build_model(spec["model"]), cfg)
+    from flowopd_lib.distributed_eval import evaluator
+
+    eval_fn = evaluator(cfg) if spec.get("evaluate") else None  # as `python -m flowopd_lib.train` does
+    trainer = trainer_class(spec["trainer"])(build_model(spec["model"]), cfg, eval_fn=eval_fn)
     report = Path(spec["report"])
     report.mkdir(parents=True, exist_ok=True)
     from flowopd_lib import adapters

@@ -23,6 +23,23 @@ def test_cli_trains_a_stage_from_yaml_with_overrides(tmp_path, monkeypatch, caps
     assert "objective" in capsys.readouterr().out
 
 
+def test_cli_evaluates_during_training(tmp_path, monkeypatch):
+    """`eval_every` of a launched job is not a silent no-op: the CLI evaluates with the config's
+    eval_* protocol (sharded over the job's processes; one here) and logs eval/<metric>."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    base = tiny_model().save(tmp_path / "base")
+    config = {"base": str(base), "rewards": {"geneval": 1.0}, "datasets": {"geneval": 1.0}, "prompts_per_update": 2,
+              "group_size": 2, "sde_steps": 2, "updates": 2, "eval_every": 1, "eval_prompts": 2, "eval_steps": 2,
+              "out_dir": str(tmp_path / "run")}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    train.main(["grpo", str(tmp_path / "run.yaml")])
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert "eval/geneval" in header and len(lines) == 3  # both updates evaluated
+    column = header.index("eval/geneval")
+    assert all(line.split(",")[column] != "" for line in lines[1:])
+
+
 def test_launch_writes_the_config_and_runs_it_in_a_fresh_process(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -38,7 +55,8 @@ def test_launch_writes_the_config_and_runs_it_in_a_fresh_process(tmp_path, monke
 def test_cli_refuses_an_override_without_equals_and_an_unknown_key(tmp_path, capsys, monkeypatch):
     """`train grpo run.yaml lr` used to train with lr=None; a typo'd key must not fall back to a default."""
     trained = []
-    monkeypatch.setattr(train, "trainer_for", lambda stage: (GRPOConfig, trained.append))  # nothing trains here
+    monkeypatch.setattr(train, "trainer_for",  # nothing trains here
+                        lambda stage: (GRPOConfig, lambda cfg, eval_fn=None: trained.append(cfg)))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"updates": 1}))
     with pytest.raises(SystemExit):
         train.main(["grpo", str(tmp_path / "run.yaml"), "lr"])
