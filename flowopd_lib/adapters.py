@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .precision import float32_trainables
+
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
 PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME = "adapter_config.json", "adapter_model.safetensors"  # peft's folder
 # Flow-GRPO's LoRA targets on SD3: attention q/k/v/out of the image stream and of the text stream.
@@ -52,7 +54,7 @@ def _check(model, name: str) -> None:
 def add(model, name: str, rank: int = 8, alpha: float | None = None, targets=LORA_TARGETS,
         gaussian_init: bool = True, seed: int | None = None) -> list[torch.nn.Parameter]:
     """Attach a new LoRA adapter (zero delta at start unless `gaussian_init=False`) and make it the
-    active one; returns its trainable parameters.
+    active one; returns its trainable parameters, float32 whatever the base's dtype.
 
     With `seed`, the initial weights derive from (seed, name) alone and the global torch RNG is left
     as it was: two runs of one config, and every rank of a multi-process run, start from the same
@@ -72,7 +74,8 @@ def add(model, name: str, rank: int = 8, alpha: float | None = None, targets=LOR
     model.transformer.set_adapter(name)
     if seed is not None:
         seeded_init(model, name, seed, gaussian_init)
-    return parameters(model, name, trainable=True)
+    # float32 on a bf16 base too (peft casts a new adapter to its layer's dtype): precision.py
+    return float32_trainables(parameters(model, name, trainable=True))
 
 
 @contextmanager

@@ -127,3 +127,17 @@ def test_rng_state_round_trips_through_a_safe_load(tmp_path):
     checkpoint.load(tmp_path / "step_0000001", restore_rng=True)
     got = (torch.rand(2), np.random.rand(2), random.random())
     assert torch.equal(got[0], expected[0]) and (got[1] == expected[1]).all() and got[2] == expected[2]
+
+
+def test_a_new_adapter_is_float32_on_a_bf16_base():
+    """Merges and SFT (coldstart.py) add adapters without a trainer: the policy lives in adapters.add."""
+    model = bf16_tiny_sd3()
+    params = adapters.add(model, "fresh", rank=4, seed=0)
+    assert {p.dtype for p in params} == {torch.float32}
+
+
+def test_checkpoint_loads_onto_accelerates_cpu_device(tmp_path):
+    """accelerate's CPU ranks name their device cpu:0, which torch.load cannot map to by itself."""
+    checkpoint.save(tmp_path, 1, {"adapter": {"w": torch.ones(3)}})
+    state = checkpoint.load(tmp_path / "step_0000001", restore_rng=False, map_location=torch.device("cpu", 0))
+    assert state["adapter"]["w"].device.type == "cpu"

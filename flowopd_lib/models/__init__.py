@@ -20,17 +20,29 @@ SD3_BASES = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium"}
 SD3_MAX_SEQUENCE_LENGTH = 128
 
 
+def process_device():
+    """This process's device as a launcher assigns it: GPU LOCAL_RANK (set by accelerate launch and
+    torchrun; 0 alone), or the CPU. Read from the environment, not from accelerate's PartialState,
+    which, made before the trainer's Accelerator, would fix the process group too early."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def load_base(name: str = "toy", device=None) -> FlowModel:
     """The frozen base model every teacher, merge and student adapts (eval mode, no grads):
     a toy model ('toy' or a ToyFlowModel.save directory) or SD3 ('sd3.5-medium', a hub id, or a
     diffusers pipeline folder with model_index.json). SD3 goes to `device` (default: this process's
-    device as accelerate sees it: its own GPU under accelerate launch) in bf16 on GPUs, float32
+    own GPU under accelerate launch, `process_device`) in bf16 on GPUs, float32
     on the CPU (precision.py: trained LoRA weights are float32 either way)."""
     if name in SD3_BASES or (Path(name) / "model_index.json").exists() or name.startswith("stabilityai/"):
         import torch
-        from accelerate import PartialState
 
-        device = torch.device(device) if device is not None else PartialState().device
+        device = torch.device(device) if device is not None else process_device()
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         return SD3FlowModel.from_pretrained(SD3_BASES.get(name, name), dtype=dtype, device=device,
                                             max_sequence_length=SD3_MAX_SEQUENCE_LENGTH).requires_grad_(False)
