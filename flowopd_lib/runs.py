@@ -49,7 +49,10 @@ holds the spec, the git commit and package versions.
 
 `--jobs N` runs up to N stages at once, in spec order, each as soon as the stages it refers to are
 done (independent trainings side by side, then the stages that consume them), with cores / N
-threads each.
+threads each. It is for stages that train in their kernel (the toy world) or as CPU ranks: a run
+in which a selected stage trains as an `accelerate launch` job on GPUs (num_processes > 1, not a
+CPU accelerate config) is refused before anything starts (exit status 2), since its stages would
+share the GPUs and the rendezvous port; such runs go one stage at a time, each on every GPU.
 """
 from __future__ import annotations
 
@@ -80,6 +83,10 @@ RUNNER_PARAMETERS = {"out_dir"}         # set by the runner for every stage
 
 class RunError(RuntimeError):
     """A stage failed or the spec is wrong; the message says which and why."""
+
+
+class UsageError(RunError):
+    """The command line asks for what the spec's stages cannot do (exit status 2, as argparse's errors)."""
 
 
 def load_spec(path: str | Path) -> dict:
@@ -345,6 +352,12 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
                            f"(no {shown(missing[name] / 'adapter.json')}): train and ship each with "
                            f"`python -m flowopd_lib.teachers train {name} --out runs/teachers/{name}` and "
                            f"`python -m flowopd_lib.teachers ship {name} --run runs/teachers/{name}`")
+    on_gpus = gpu_launch_stages([p for p, selected in zip(plan, selection(plan, only, start)) if selected])
+    if jobs > 1 and on_gpus:  # before anything is written or started
+        raise UsageError(f"--jobs {jobs} runs stages side by side, but {len(on_gpus)} stage(s) train as accelerate "
+                         f"jobs on the GPUs ({', '.join(f'{name}: num_processes={n}' for name, n in on_gpus.items())}): "
+                         "side by side they would start on the same GPUs and rendezvous port. Run with --jobs 1 "
+                         "(each stage gets every GPU in turn)")
     if report:  # the parent's record: --jobs children (quiet) would overwrite it with their own command
         write_provenance(run_dir, spec, overrides)
     todo, changed = [], set()
@@ -368,6 +381,30 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
     if summary.exists() and report:
         print(f"\nsummary: {summary}\n\n{summary.read_text()}")
     return run_dir
+
+
+def gpu_launch_stages(plan: list) -> dict[str, int]:
+    """Stage name -> num_processes of the planned stages that train as `accelerate launch` jobs on
+    GPUs: num_processes > 1 (notebooks 02 and 04 train one process in their kernel) and not CPU ranks
+    (`train.launch`: an accelerate config with use_cpu / MULTI_CPU, or no config on a machine without
+    CUDA, runs torch.distributed.run --standalone, on a free port each). Each such job takes the GPUs
+    from the first and binds the rendezvous port (main_process_port, 29500 unless set), so two at
+    once collide: `--jobs` > 1 refuses them."""
+    from .train import cpu_processes
+
+    found = {}
+    for stage, _, params in plan:
+        n = int(params.get("num_processes") or 1)
+        if n <= 1:
+            continue
+        config = params.get("accelerate_config")
+        try:  # the kernels run in ROOT, so a relative config path is relative to it
+            cpu = cpu_processes(str(ROOT / config) if config else None)
+        except OSError:  # a config that is not there: the stage will fail; count it as GPUs meanwhile
+            cpu = False
+        if not cpu:
+            found[stage["name"]] = n
+    return found
 
 
 def selection(plan: list, only: list[str] | None, start: str | None) -> list[bool]:
@@ -469,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a shared parameter in every stage that declares it")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="run up to this many independent stages at once (each with cores / jobs threads)")
+                        help="run up to this many independent stages at once (each with cores / jobs threads); "
+                             "refused for stages that train as accelerate jobs on GPUs")
     parser.add_argument("--outputs", type=Path, default=OUTPUTS, help="where run directories go")
     parser.add_argument("--quiet", dest="report", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -478,6 +516,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args.spec, args.only, args.start, dict(parse_override(o) for o in args.overrides), args.outputs,
             args.jobs, args.report)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except RunError as err:
         sys.exit(f"error: {err}")
 

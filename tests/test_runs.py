@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,8 +170,11 @@ def test_toy_full_mix_and_seesaw_train_with_the_teachers_trainer_and_settings(tm
     from flowopd_lib import teachers
 
     recipe = yaml.safe_load(teachers.recipe_config("geneval", "x").to_yaml())
+    from flowopd_lib.distributed_eval import EvalConfig
+
     own = {"adapter", "out_dir", "init_adapter", "rewards", "datasets", "dataset_mode", "reward_routing", "updates",
-           "eval_every", "checkpoint_every"}
+           "eval_every", "checkpoint_every",
+           *(f.name for f in dataclasses.fields(EvalConfig))}  # how it is evaluated: checked below
     plan = runs.plan_stages(runs.load_spec(runs.ROOT / "papermill_runs/toy_full.yaml"), tmp_path, {})
     nft = [(stage, params) for stage, _, params in plan if params.get("trainer") == "nft"]
     assert {stage["name"] for stage, _ in nft} == {"mix_nft", "mix_nft_alternate", "coldstart_mix", "seesaw_ocr",
@@ -307,21 +313,22 @@ def test_notebook_parameters_are_what_papermill_reads():
 
 
 def test_extra_merges_key_by_key_while_other_mappings_are_replaced(tmp_path):
-    """sd35m.yaml shares extra: {rollout_chunks: 12, micro_batch: 4}; a stage or -p adding one
+    """sd35m.yaml shares extra: {rollout_chunks: 12, micro_batch: 4, ema_decay: 0.975}; a stage or -p adding one
     setting keeps the others, while a stage's task_rewards (one choice) replaces the shared one."""
     spec = runs.load_spec(runs.ROOT / "papermill_runs/sd35m.yaml")
+    shared = {"rollout_chunks": 12, "micro_batch": 4, "ema_decay": 0.975}
     teacher = spec["stages"][0]
     teacher["parameters"] = {**teacher["parameters"], "extra": {"gradient_checkpointing": True},
                              "task_rewards": {"geneval": "geneval"}}
     plan = {stage["name"]: params for stage, _, params in runs.plan_stages(spec, tmp_path, {})}
-    assert plan["teacher_geneval"]["extra"] == {"rollout_chunks": 12, "micro_batch": 4, "gradient_checkpointing": True}
+    assert plan["teacher_geneval"]["extra"] == {**shared, "gradient_checkpointing": True}
     assert plan["teacher_geneval"]["task_rewards"] == {"geneval": "geneval"}
-    assert plan["teacher_ocr"]["extra"] == {"rollout_chunks": 12, "micro_batch": 4}
+    assert plan["teacher_ocr"]["extra"] == shared
     overrides = dict([runs.parse_override("extra={micro_batch: 2}")])
     plan = {stage["name"]: params for stage, _, params in runs.plan_stages(spec, tmp_path, overrides)}
-    assert plan["teacher_geneval"]["extra"] == {"rollout_chunks": 12, "micro_batch": 2, "gradient_checkpointing": True}
-    assert plan["opd_merge"]["extra"] == {"rollout_chunks": 12, "micro_batch": 2}
-    assert spec["shared"]["extra"] == {"rollout_chunks": 12, "micro_batch": 4}  # the spec itself is left as it was
+    assert plan["teacher_geneval"]["extra"] == {**shared, "micro_batch": 2, "gradient_checkpointing": True}
+    assert plan["opd_merge"]["extra"] == {**shared, "micro_batch": 2}
+    assert spec["shared"]["extra"] == shared  # the spec itself is left as it was
 
 
 def test_parallel_jobs_start_a_stage_only_after_the_stages_it_consumes(spec, tmp_path):
@@ -354,3 +361,172 @@ def test_a_failure_skips_only_its_consumers(spec, tmp_path, jobs):
     run_dir = tmp_path / "outputs" / "tiny_study"
     assert (run_dir / "teacher_ocr" / ".done").exists() and (run_dir / "teacher_ocr_again" / ".done").exists()
     assert not (run_dir / "coldstart").exists() and not (run_dir / "summary").exists()
+
+
+def gpu_spec(tmp_path, accelerate_config: str | None, num_processes: int = 8):
+    """Two independent teacher stages and their consumer, each `num_processes` processes under
+    `accelerate_config` (None: the notebooks' default, one process in the kernel)."""
+    shared = {"num_processes": num_processes, "accelerate_config": accelerate_config}
+    spec = {"name": "gpus", "shared": {k: v for k, v in shared.items() if v is not None}, "stages": [
+        {"name": "teacher_geneval", "notebook": "notebooks/02_teacher_grpo.ipynb", "parameters": {"adapter": "geneval"}},
+        {"name": "teacher_ocr", "notebook": "notebooks/02_teacher_grpo.ipynb", "parameters": {"adapter": "ocr"}},
+        {"name": "opd", "notebook": "notebooks/04_flow_opd.ipynb",
+         "parameters": {"teachers": {"geneval": "{teacher_geneval}/adapter", "ocr": "{teacher_ocr}/adapter"}}}]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("num_processes", [8, 2])
+def test_parallel_jobs_refuse_stages_that_train_as_accelerate_jobs_on_gpus(tmp_path, monkeypatch, capsys,
+                                                                          num_processes):
+    """`--jobs N` runs stages side by side; two 8-GPU stages would then start on the same GPUs and the
+    same rendezvous port. The runner refuses, in one line and with exit status 2, before any stage
+    (or the run's provenance) is written; `--jobs 1` runs them."""
+    import papermill
+
+    started = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: started.append(kwargs["parameters"]))
+    monkeypatch.setattr(runs, "run_parallel", lambda spec_path, spec, todo, *args: started.extend(todo))
+    path = gpu_spec(tmp_path, "papermill_runs/accelerate/multi_gpu.yaml", num_processes)
+    out = tmp_path / "outputs"
+    with pytest.raises(SystemExit) as stopped:
+        runs.main([str(path), "--jobs", "2", "--outputs", str(out)])
+    assert stopped.value.code == 2
+    said = capsys.readouterr().err.strip()
+    assert len(said.splitlines()) == 1 and said.startswith("error: --jobs 2")
+    assert f"teacher_geneval: num_processes={num_processes}" in said and "--jobs 1" in said
+    assert not started and not out.exists()
+    runs.run(path, outputs=out, jobs=1)  # one at a time: every stage gets all the GPUs
+    assert [p["out_dir"] for p in started] == [str(out / "gpus" / s) for s in ("teacher_geneval", "teacher_ocr", "opd")]
+
+
+@pytest.mark.parametrize("config,num_processes", [("cpu", 2), ("papermill_runs/accelerate/multi_gpu.yaml", 1),
+                                                  (None, 1)])
+def test_parallel_jobs_run_cpu_ranks_and_in_kernel_stages(tmp_path, monkeypatch, config, num_processes):
+    """CPU ranks (a MULTI_CPU config: torch.distributed.run --standalone picks a free port) and
+    stages of one process (the notebook trains in its kernel, whatever the accelerate config) may
+    run side by side: --jobs goes ahead."""
+    if config == "cpu":
+        config = dryrun.accelerate_config(tmp_path, num_processes)
+    parallel = []
+    monkeypatch.setattr(runs, "run_parallel", lambda spec_path, spec, todo, *args: parallel.append(len(todo)))
+    runs.run(gpu_spec(tmp_path, config, num_processes), outputs=tmp_path / "outputs", jobs=2)
+    assert parallel == [3]
+
+
+@pytest.mark.parametrize("path", sorted(runs.ROOT.glob("papermill_runs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_specs_say_whether_they_may_run_with_jobs(path, tmp_path):
+    """The toy specs (`--jobs 2` in their headers) run stages in one process each; sd35m's training
+    stages (and any other stage whose notebook takes num_processes) are 8-GPU jobs, which --jobs > 1
+    refuses; under the dry run's CPU config none is."""
+    spec = runs.load_spec(path)
+    plan = runs.plan_stages(spec, tmp_path, {})
+    on_gpus = runs.gpu_launch_stages(plan)
+    if path.name == "sd35m.yaml":
+        trained = {stage["name"] for stage, _, _ in plan if stage["notebook"] in TRAINING_NOTEBOOKS}
+        assert trained <= set(on_gpus) and set(on_gpus.values()) == {8}
+        assert set(on_gpus) == {stage["name"] for stage, _, params in plan if params.get("num_processes", 1) > 1}
+        cpu = {"num_processes": 2, "accelerate_config": dryrun.accelerate_config(tmp_path, 2)}
+        assert not runs.gpu_launch_stages(runs.plan_stages(spec, tmp_path, cpu))
+    else:
+        assert not on_gpus
+
+
+ACCELERATE_CONFIGS = runs.ROOT / "papermill_runs" / "accelerate"
+
+
+def test_shipped_accelerate_configs_are_those_the_trainers_support():
+    """The trainers run plain DDP (no accelerator.prepare, no autocast): a DeepSpeed or FSDP config
+    would launch but shard nothing, and a mixed_precision would cast nothing (the dtype policy is
+    flowopd_lib/precision.py). So each config shipped is MULTI_GPU or MULTI_CPU, says
+    mixed_precision 'no', and accelerate itself reads it."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    shipped = sorted(ACCELERATE_CONFIGS.iterdir())
+    assert shipped
+    for path in shipped:
+        assert path.suffix == ".yaml", f"{path.name}: accelerate configs are YAML"
+        values = yaml.safe_load(path.read_text())
+        assert values["distributed_type"] in {"MULTI_GPU", "MULTI_CPU"}, \
+            f"{path.name}: distributed_type {values['distributed_type']} is not one the trainers implement"
+        assert values["mixed_precision"] == "no", f"{path.name}: nothing applies mixed_precision (precision.py)"
+        config = ClusterConfig.from_yaml_file(path)
+        assert config.distributed_type == values["distributed_type"] and config.mixed_precision == "no"
+
+
+def test_every_accelerate_config_named_in_the_repository_exists():
+    """No document, spec or script names an accelerate config that is not shipped (a removed
+    DeepSpeed / FSDP config must not linger in a command someone copies)."""
+    pattern = re.compile(r"papermill_runs/accelerate/([A-Za-z0-9_.\-]+\.ya?ml)")
+    skip = {".git", ".venv", "outputs", "flowopd_lib.egg-info", "__pycache__", ".pytest_cache"}
+    named = {}
+    for folder, subfolders, files in os.walk(runs.ROOT):
+        subfolders[:] = [d for d in subfolders if d not in skip]
+        for path in (Path(folder) / f for f in files):
+            if path.suffix in {".py", ".md", ".yaml", ".yml", ".ipynb", ".sbatch", ".toml", ".sh"} or path.name == "Makefile":
+                for name in pattern.findall(path.read_text(errors="ignore")):
+                    named.setdefault(name, []).append(str(path.relative_to(runs.ROOT)))
+    assert "multi_gpu.yaml" in named
+    missing = {name: where for name, where in named.items() if not (ACCELERATE_CONFIGS / name).exists()}
+    assert not missing, f"named but not shipped: {missing}"
+
+
+def sd35m_configs(tmp_path, overrides: dict | None = None) -> dict:
+    """Stage name -> the trainer config each training stage of sd35m.yaml builds (nothing loaded)."""
+    plan = runs.plan_stages(runs.load_spec(runs.ROOT / "papermill_runs/sd35m.yaml"), tmp_path, overrides or {})
+    return {stage["name"]: yaml.safe_load(stage_config(stage["notebook"], params).to_yaml())
+            for stage, _, params in plan if stage["notebook"] in TRAINING_NOTEBOOKS}
+
+
+def differences(a: dict, b: dict, ignored=("adapter", "out_dir", "init_adapter")) -> dict:
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignored and a.get(k) != b.get(k)}
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "nft"])
+def test_sd35m_baselines_train_as_the_paper_and_released_code_do(tmp_path, trainer):
+    """sd35m.yaml's comparison: GRPO-Mix is the released code's (3 : 1 : 1 tasks in turn, each judged
+    by its own reward, lr 1e-4, KL 0.04) and cold start + Mix the same run from the merge; Flow-OPD
+    without MAR differs from Flow-OPD in MAR alone; each seesaw stage is its reward's teacher recipe
+    started from the stage before; every stage keeps the paper's G, T, LoRA and the chosen EMA.
+    With -p trainer=nft the notebook-02 stages become NFT runs with the NFT teachers' settings."""
+    cfgs = sd35m_configs(tmp_path, {"trainer": trainer} if trainer != "grpo" else {})
+    run_dir = tmp_path  # plan_stages(spec, run_dir): the stages' folders are in it
+    mix = cfgs["grpo_mix"]
+    assert mix["datasets"] == {"geneval": 3, "ocr": 1, "pickscore": 1} and mix["dataset_mode"] == "alternate"
+    assert mix["reward_routing"] == "task" and mix["init_adapter"] is None
+    assert mix["rewards"] == {"geneval_server": 1.0, "rapidocr": 1.0, "pickscore_v1": 1.0}
+    assert (mix["lr"], mix["beta"]) == ((1e-4, 0.04) if trainer == "grpo" else (3e-4, 1e-4))
+    assert differences(cfgs["coldstart_mix"], mix) == {}
+    assert cfgs["coldstart_mix"]["init_adapter"] == str(run_dir / "coldstart" / "merge_delta")
+    assert differences(cfgs["opd_no_mar"], cfgs["opd_merge"], ("out_dir", "mar_lambda", "anchor")) == {}
+    assert cfgs["opd_no_mar"]["mar_lambda"] == 0 and cfgs["opd_merge"]["mar_lambda"] == 0.02
+    assert cfgs["opd_merge"]["anchor"] == str(run_dir / "teacher_deqa" / "adapter")
+    assert cfgs["opd_merge"]["init_adapter"] == str(run_dir / "coldstart" / "merge_delta")
+    previous = "teacher_geneval"
+    for reward in ("ocr", "pickscore", "deqa"):
+        step = cfgs[f"seesaw_{reward}"]
+        assert differences(step, cfgs[f"teacher_{reward}"]) == {}, reward
+        assert step["init_adapter"] == str(run_dir / previous / "adapter")
+        previous = f"seesaw_{reward}"
+    for name, cfg in cfgs.items():
+        assert (cfg["group_size"], cfg["sde_steps"], cfg["prompts_per_update"]) == (24, 10, 48), name
+        assert (cfg["ema_decay"], cfg["updates"], cfg["cfg_scale"]) == (0.975, 1000, 4.5), name
+        assert (cfg["lora_rank"], cfg["lora_alpha"]) == (32, 64.0), name
+
+
+def test_sd35m_summary_tabulates_every_model_the_run_trains(tmp_path):
+    """Every adapter a training stage of sd35m.yaml saves, and the merge, is a row of the summary's
+    tables, and the claims' roles name rows of them."""
+    spec = runs.load_spec(runs.ROOT / "papermill_runs/sd35m.yaml")
+    plan = {stage["name"]: (stage, out_dir, params) for stage, out_dir, params in runs.plan_stages(spec, tmp_path, {})}
+    summary = plan[spec["summary"]][2]
+    tabulated = {d for table in ("main", "seesaw", "mar") for d in summary[table].values()}
+    trained = {str(out_dir / "adapter") for stage, out_dir, _ in plan.values() if stage["notebook"] in TRAINING_NOTEBOOKS}
+    assert trained | {str(tmp_path / "coldstart" / "merge_delta")} <= tabulated
+    assert None in summary["main"].values()  # the base
+    from flowopd_lib import claims
+
+    rows = {label for table in ("main", "seesaw", "mar") for label in summary[table]}
+    claims.check_roles(summary["claims"])
+    assert set(claims.role_labels(summary["claims"])) <= rows
