@@ -43,7 +43,7 @@ from .toy.splits import PROMPT_DIR
 
 # Budget overrides (-p) that shrink any full-scale spec to seconds per stage.
 TINY_BUDGET = {"updates": 2, "prompts_per_update": 2, "group_size": 2, "sde_steps": 3, "eval_every": 0,
-               "eval_prompts": 2, "eval_steps": 3, "lora_rank": 4, "lora_alpha": 8.0, "time_budget_minutes": None,
+               "eval_prompts": 2, "eval_samples": 1, "eval_steps": 3, "lora_rank": 4, "lora_alpha": 8.0, "time_budget_minutes": None,
                "sft_prompts_per_task": 2, "sft_steps": 2, "sft_batch": 2}
 
 CPU_ACCELERATE_CONFIG = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_CPU",
