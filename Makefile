@@ -28,9 +28,11 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -m ""
 
-# papermill_runs/sd35m.yaml end to end on CPU with tiny stand-ins (flowopd_lib/dryrun.py), 4-8 min;
-# each training stage runs as 2 CPU ranks (torch.distributed.run + gloo: see train.launch).
+# The full-scale path on CPU: every trainer at the SD3.5-M spec's shapes on 4 gloo ranks with a resume,
+# compared with one process (tests/test_full_scale_ranks.py), then papermill_runs/sd35m.yaml end to end
+# with tiny stand-ins (flowopd_lib/dryrun.py), each training stage as 2 CPU ranks (see train.launch).
 dryrun: setup
+	$(PY) -m pytest -m ranks -p no:cacheprovider tests/test_full_scale_ranks.py
 	$(PY) -m flowopd_lib.dryrun papermill_runs/sd35m.yaml
 
 clean:
