@@ -61,6 +61,11 @@ class FlowModel(torch.nn.Module):
             self._embed_cache.popitem(last=False)
         return PromptEmbeds(torch.stack([found[t][0] for t in texts]), torch.stack([found[t][1] for t in texts]))
 
+    def text_encoders_to(self, device) -> None:
+        """Keep the frozen text encoders on `device` (e.g. the CPU, to free GPU memory: SD3's T5-XXL
+        is ~9 GiB in bf16); their embeddings still come back on the transformer's device. A no-op
+        for models whose text encoding is negligible (the toy)."""
+
     def clear_prompt_cache(self) -> None:
         self._embed_cache.clear()
 
