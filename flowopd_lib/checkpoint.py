@@ -75,6 +75,8 @@ def load(path: str | Path, restore_rng: bool = True, map_location=None) -> dict[
     could run code raises UnsafeCheckpointError."""
     path = Path(path)
     file = path / "state.pt" if path.is_dir() else path
+    if map_location is not None and torch.device(map_location).type == "cpu":
+        map_location = "cpu"  # accelerate's CPU ranks say cpu:0, which torch.load cannot restore to
     try:
         state = torch.load(file, weights_only=True, map_location=map_location)
     except pickle.UnpicklingError as error:
