@@ -1,6 +1,6 @@
 """Dry run of a full-scale run spec on CPU, with tiny stand-ins for everything outside the repo.
 
-    python -m flowopd_lib.dryrun papermill_runs/sd35m.yaml            # 4-8 minutes on 2 cores
+    python -m flowopd_lib.dryrun papermill_runs/sd35m.yaml            # ~10 minutes on 2 cores
     python -m flowopd_lib.dryrun papermill_runs/sd35m.yaml -p trainer=nft -p cfg_scale=1.0 --only teacher_ocr
 
 The spec runs through the same runner, notebooks, trainers and reward clients as on GPU nodes;

@@ -66,7 +66,7 @@ class ResumeError(ConfigError):
 # directory is, and execution settings that change memory use, not what is trained (the tests show
 # micro-batches, rollout chunks and gradient checkpointing give the same update).
 MAY_CHANGE_ON_RESUME = ("updates", "time_budget_minutes", "eval_every", "checkpoint_every", "out_dir",
-                        "micro_batch", "rollout_chunks", "gradient_checkpointing", "text_encoders_on_cpu",
+                        "micro_batch", "rollout_chunks", "gradient_checkpointing",
                         *(f.name for f in dataclasses.fields(EvalConfig)))
 
 def config_changes(saved_path: Path, cfg, ignored=()) -> list[str]:
@@ -123,8 +123,6 @@ class OnPolicyConfig(EvalConfig):
                                     "bounds GPU memory; None = the whole minibatch at once)", range=(1, None))
     gradient_checkpointing: bool = param(False, "recompute each transformer block in the backward pass instead of "
                                          "storing its activations (SD3.5-M on smaller GPUs; ~30% slower)")
-    text_encoders_on_cpu: bool = param(False, "keep the frozen text encoders on the CPU (SD3.5-M: frees ~10 GiB "
-                                       "of each GPU for 24-48 GB cards; new prompts are encoded there)")
     inner_epochs: int = param(1, "passes over each update's samples", range=(1, None))
     lr: float = param(1e-3, "AdamW learning rate (constant, so resumed runs match)", range=(0, 1))
     weight_decay: float = param(1e-4, "AdamW weight decay", range=(0, 1))

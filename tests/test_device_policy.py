@@ -146,7 +146,7 @@ def test_checkpoint_loads_onto_accelerates_cpu_device(tmp_path):
 def test_text_encoders_can_stay_on_the_cpu_and_embeddings_follow_the_transformer(tmp_path):
     """`text_encoders_on_cpu` (24-48 GB GPUs): the encoders go to the CPU in float32, embeddings come
     back in the transformer's device and dtype, and a training update runs. (On this CPU-only box the
-    transformer is on the CPU too; the GPU check measures the memory it frees.)"""
+    transformer is on the CPU too: what it frees on a GPU is estimate.py's, not measured.)"""
     model = bf16_tiny_sd3()
     trainer = GRPOTrainer(model, tiny_cfg(tmp_path, updates=1, sde_steps=2, train_fraction=0.5,
                                           text_encoders_on_cpu=True))
