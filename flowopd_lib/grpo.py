@@ -149,8 +149,7 @@ class GRPOTrainer(OnPolicyTrainer):
 
     def gathered(self, local: torch.Tensor) -> torch.Tensor:
         """Every process's [B] values, in process order, on the CPU (the local ones alone on one)."""
-        acc = self.acc
-        return acc.gather(local.to(acc.device)).cpu() if acc.num_processes > 1 else local.cpu()
+        return self.dist.gather(local).cpu()
 
     def check_rewards(self, traj, total: torch.Tensor, per_name: dict[str, RewardValues], update: int | None) -> None:
         """Stop before any training on a NaN or inf reward of a judged sample (all processes hold the
@@ -162,10 +161,8 @@ class GRPOTrainer(OnPolicyTrainer):
             return
         what, values, bad = found
         i = int(bad.nonzero()[0])
-        prompts = list(traj.prompts)
-        if self.acc.num_processes > 1:  # every process gets here (same gathered rewards): a safe collective
-            from accelerate.utils import gather_object
-            prompts = gather_object(prompts)
+        # every process gets here (same gathered rewards): a collective all of them join
+        prompts = self.dist.gather_objects(list(traj.prompts))
         value = values[i].item()
         raise NonFiniteError(f"{what} is {value} for sample {i} of the update, {describe_sample(prompts[i])}, "
                              f"at {self.where(update)}; a reward must return finite values for every prompt "

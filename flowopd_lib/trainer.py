@@ -455,8 +455,7 @@ class OnPolicyTrainer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if self.acc.num_processes > 1:
-            flat = torch.cat([p.grad.flatten() for p in self.params])
-            flat = self.acc.reduce(flat, reduction="sum")
+            flat = self.dist.sum(torch.cat([p.grad.flatten() for p in self.params]))
             offset = 0
             for p in self.params:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
