@@ -154,3 +154,15 @@ def test_text_encoders_can_stay_on_the_cpu_and_embeddings_follow_the_transformer
     embeds = model.encode_prompts(["a cat"])
     assert embeds.tokens.dtype == torch.bfloat16 and embeds.tokens.device == model.device
     trainer.train()
+
+
+def test_an_sd3_base_loads_on_the_launchers_gpu_for_this_rank(monkeypatch):
+    """Each rank of `accelerate launch` / torchrun gets LOCAL_RANK; the base goes to that GPU (it was
+    left on the CPU, where the notebooks then evaluated), and to the CPU without a GPU."""
+    from flowopd_lib import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert models.process_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.process_device() == torch.device("cpu")

@@ -190,7 +190,7 @@ def test_resume_equals_uninterrupted(tmp_path, trainer_cls, config_cls):
     part = full.replace(out_dir=str(tmp_path / "part"), updates=1)
     trainer_cls(tiny_model(), part).train()
     trainer_cls(tiny_model(), part.replace(updates=3)).train(resume=True)
-    states = [torch.load(Path(c.out_dir) / "checkpoints" / "step_0000003" / "state.pt", weights_only=False)
+    states = [torch.load(Path(c.out_dir) / "checkpoints" / "step_0000003" / "state.pt", weights_only=True)
               for c in (full, part)]
     for key in ("adapter", *(("old",) if trainer_cls is NFTTrainer else ())):
         for name, value in states[0][key].items():

@@ -214,8 +214,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     GRPOTrainer(tiny_model(), part).train()
     resumed = GRPOTrainer(tiny_model(), part.replace(updates=3))
     resumed.train(resume=True)
-    state_full = torch.load(Path(full.out_dir) / "checkpoints" / "step_0000003" / "state.pt", weights_only=False)
-    state_part = torch.load(Path(part.out_dir) / "checkpoints" / "step_0000003" / "state.pt", weights_only=False)
+    state_full = torch.load(Path(full.out_dir) / "checkpoints" / "step_0000003" / "state.pt", weights_only=True)
+    state_part = torch.load(Path(part.out_dir) / "checkpoints" / "step_0000003" / "state.pt", weights_only=True)
     assert state_full["adapter"]
     for key, value in state_full["adapter"].items():
         assert torch.equal(value, state_part["adapter"][key]), key
@@ -303,8 +303,8 @@ def test_two_ranks_match_one_process(tmp_path):
         GRPOTrainer(tiny_model(), tiny_cfg(tmp_path, updates=2, out_dir=str(out1))).train()
     finally:
         torch.set_num_threads(threads)
-    two = torch.load(out2 / "checkpoints" / "step_0000002" / "state.pt", weights_only=False)["adapter"]
-    one = torch.load(out1 / "checkpoints" / "step_0000002" / "state.pt", weights_only=False)["adapter"]
+    two = torch.load(out2 / "checkpoints" / "step_0000002" / "state.pt", weights_only=True)["adapter"]
+    one = torch.load(out1 / "checkpoints" / "step_0000002" / "state.pt", weights_only=True)["adapter"]
     assert any(not torch.equal(one[k], initial[0][k]) for k in one)  # it trained
     for key in one:
         # gloo's sum order differs from one process's, and the CPU's kernels (AVX2 or AVX-512) round
