@@ -279,11 +279,7 @@ def _table(plan: list[WorkBatch], values: dict[int, dict[str, np.ndarray]], prom
         for i in batches:
             for metric, v in values[i].items():
                 arrays[metric][plan[i].sample, plan[i].start:plan[i].stop] = v.astype(np.float64)
-        strata = [p.spec["tag"] if task == "geneval" else task for p in prompts]
-        for metric, v in arrays.items():
-            for j, row in enumerate(v):
-                frames.append(pd.DataFrame({"model": name, "metric": metric, "prompt": range(len(prompts)),
-                                            "sample": j, "stratum": strata, "value": row}))
+        frames += evaluation.score_rows(name, task, prompts, arrays)
     return pd.concat(frames, ignore_index=True)
 
 

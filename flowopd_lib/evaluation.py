@@ -341,12 +341,16 @@ def sample_scores(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ..
                 values = {k: np.stack(v).astype(np.float64) for k, v in values.items()}  # [samples, prompts]
                 if cached is not None:
                     _write_atomically(cached, {k: v.tolist() for k, v in values.items()})
-            strata = [p.spec["tag"] if task == "geneval" else task for p in prompts]
-            for metric_name, v in values.items():
-                for j, row in enumerate(v):
-                    frames.append(pd.DataFrame({"model": name, "metric": metric_name, "prompt": range(len(prompts)),
-                                                "sample": j, "stratum": strata, "value": row}))
+            frames += score_rows(name, task, prompts, values)
     return pd.concat(frames, ignore_index=True)
+
+
+def score_rows(name: str, task: str, prompts: list, values: dict[str, np.ndarray]) -> list[pd.DataFrame]:
+    """`sample_scores`' rows of one (model, task): values are metric -> [samples, prompts]."""
+    strata = [p.spec["tag"] if task == "geneval" else task for p in prompts]
+    return [pd.DataFrame({"model": name, "metric": metric, "prompt": range(len(prompts)), "sample": j,
+                          "stratum": strata, "value": row})
+            for metric, v in values.items() for j, row in enumerate(v)]
 
 
 def _write_atomically(path: Path, content) -> None:

@@ -24,6 +24,7 @@ import yaml
 from flowopd_lib.rewards.real import RewardServerError
 from flowopd_lib.rewards.real import server
 from flowopd_lib.rewards.real.stub import serve
+from test_real_rewards import FakeClock
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "papermill_runs/slurm.sbatch"
@@ -211,20 +212,6 @@ def test_check_servers_counts_a_proxy_without_backend_as_down():
     with loopback(status=503) as url:
         with pytest.raises(RewardServerError, match=f"{url}.*HTTP 503.*FLOWOPD_DEQA_URL"):
             server.check_servers({"FLOWOPD_DEQA_URL": url})
-
-
-class FakeClock:
-    """time.monotonic / time.sleep stand-ins: sleeping advances the clock at once."""
-
-    def __init__(self):
-        self.now, self.sleeps = 0.0, []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def test_check_servers_waits_for_a_server_that_is_starting():
