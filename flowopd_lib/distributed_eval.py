@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from . import data, evaluation, rollout
 from .config import Config, ConfigError, param
+from .distributed import Collectives
 from .tasks import TASKS
 from .toy.grammar import GENEVAL_TAGS
 
@@ -218,15 +219,6 @@ def _score_run(model, batches: list[WorkBatch], prompts: list, cfg: EvalConfig, 
     return out
 
 
-def _gather(local: list, accelerator) -> list:
-    """Every process's list, concatenated in process order: one all_gather_object, which every
-    process joins whatever it holds (a list of any length, empty included)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return list(local)
-    from accelerate.utils import gather_object
-    return gather_object(local)
-
-
 @torch.no_grad()
 def evaluate_on_ranks(model, cfg: EvalConfig, accelerator=None, seed: int = 0, task_rewards: dict | None = None,
                       prompt_root: str | None = None, shift: float = 1.0,
@@ -259,7 +251,8 @@ def evaluate_on_ranks(model, cfg: EvalConfig, accelerator=None, seed: int = 0, t
         if world == 1:
             raise
         local = [(-1, {"rank": rank, "error": traceback.format_exc()})]  # the others must not wait for it
-    gathered = _gather(local, accelerator)
+    # one all_gather_object, which every process joins whatever it holds (an empty list included)
+    gathered = Collectives(accelerator).gather_objects(local) if accelerator is not None else local
     failures = [payload for i, payload in gathered if i < 0]
     if failures:
         raise RuntimeError("evaluation failed on process(es) " + ", ".join(str(f["rank"]) for f in failures)
