@@ -49,6 +49,8 @@ class PretrainConfig(Config):
                                   "or 'toy' for the shipped base): its autoencoder is kept (no autoencoder phase) "
                                   "and the flow phase starts from its weights; give another seed than its run's so "
                                   "the batches are new")
+    glyph_places: bool = param(True, "add a learned embedding of each quoted glyph's place to the context tokens "
+                               "(models.toy.GlyphPlaces; added freshly initialised to an init_from model without one)")
     seed: int = param(0, "seed of data, noise and initial weights")
     out_dir: str = param("runs/base_toy", "run directory (model/, checkpoints/, metrics.csv)")
 
@@ -191,13 +193,17 @@ def _evaluate_with_ema(model, params, ema, eval_fn) -> dict:
 
 def _initial_model(cfg: PretrainConfig) -> ToyFlowModel:
     if cfg.init_from is None:
-        return ToyFlowModel(cfg.size, image_size=cfg.image_size)
+        return ToyFlowModel(cfg.size, image_size=cfg.image_size, glyph_places=cfg.glyph_places)
     from .models import load_base
 
     model = load_base(cfg.init_from)
     if (model.size_name, model.image_size) != (cfg.size, cfg.image_size):
         raise ValueError(f"init_from={cfg.init_from!r} is a {model.size_name!r} model at {model.image_size} px, but the "
                          f"config asks for size={cfg.size!r}, image_size={cfg.image_size}: set them to match")
+    if cfg.glyph_places:
+        model.add_glyph_places()
+    elif model.glyph_places is not None:
+        raise ValueError(f"init_from={cfg.init_from!r} has glyph places but glyph_places=False: set glyph_places=True")
     return model
 
 

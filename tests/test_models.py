@@ -131,3 +131,51 @@ def test_continued_pretraining_keeps_the_autoencoder_and_trains_the_flow(tmp_pat
     assert not (tmp_path / "more" / "autoencoder.pt").exists()  # no autoencoder phase ran
     with pytest.raises(ValueError, match="size='small'"):
         pretrain(PretrainConfig(size="small", init_from=str(tmp_path / "start"), out_dir=str(tmp_path / "x")))
+
+
+def test_glyph_place_ids_count_from_the_centre_of_each_quoted_text(tiny):
+    from flowopd_lib.models.toy import glyph_place_ids
+
+    ids = tiny.tokenizer(['a sign that says "A7"', 'a sign that says "A"', "a photo of a red circle"])
+    places = glyph_place_ids(tiny.tokenizer, ids)
+    length = ids.shape[1]  # <bos> a sign that says " A 7 " <eos>: glyphs at 6 and 7
+    assert places[0].tolist() == [0] * 6 + [length - 1, length + 1] + [0] * (length - 8)
+    assert places[1].tolist() == [0] * 6 + [length] + [0] * (length - 7)  # a lone glyph sits at the centre
+    assert places[2].abs().sum() == 0
+
+
+def test_glyph_places_put_order_into_the_context_tokens():
+    """With glyph places a glyph's token changes far more between first and second place than T5's
+    relative positions alone change it (the first base: 1.7%)."""
+    from flowopd_lib.diagnostics.ocr_errors import order_signal
+
+    torch.manual_seed(0)
+    without = ToyFlowModel("tiny", glyph_places=False)
+    torch.manual_seed(0)
+    with_places = ToyFlowModel("tiny")
+    assert order_signal(with_places, n_pairs=10)["order"] > 3 * order_signal(without, n_pairs=10)["order"]
+    # Built last: every other module starts as it would without glyph places.
+    plain = without.state_dict()
+    assert all(torch.equal(v, with_places.state_dict()[k]) for k, v in plain.items())
+
+
+def test_a_model_saved_without_glyph_places_loads_without_them(tmp_path):
+    torch.manual_seed(0)
+    old = ToyFlowModel("tiny", glyph_places=False)
+    old.save(tmp_path / "old")
+    loaded = load_base(str(tmp_path / "old"))
+    assert loaded.glyph_places is None and load_base("toy").glyph_places is None
+    with torch.no_grad():
+        assert torch.equal(old.text_embeddings(PROMPTS).tokens, loaded.text_embeddings(PROMPTS).tokens)
+    loaded.add_glyph_places()
+    assert loaded.glyph_places is not None and loaded.config()["glyph_places"]
+
+
+def test_continued_pretraining_adds_glyph_places_to_a_model_without_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    torch.manual_seed(0)
+    ToyFlowModel("tiny", glyph_places=False).save(tmp_path / "start")
+    cfg = PretrainConfig(size="tiny", batch=8, steps=2, init_from=str(tmp_path / "start"), seed=1, out_dir=str(tmp_path / "more"))
+    continued = pretrain(cfg, resume=False)
+    assert load_base(str(tmp_path / "more" / "model")).glyph_places is not None
+    assert continued.glyph_places is not None

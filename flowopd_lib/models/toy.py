@@ -15,6 +15,13 @@ As in SD3, the token sequence comes from a T5 encoder (bidirectional, relative p
 pooled vector from CLIP. With CLIP's causal, absolute-position tokens as the context instead, the
 base learned to bind quoted glyphs to their places on the sign half as fast (OCR 0.092 against 0.205
 on 48 test prompts after the same 14 minutes of OCR-only pretraining; notebooks/01_base_model.ipynb).
+
+T5's relative positions hardly tell a glyph where it stands in the quoted text (a glyph's token moved
+1.7% between first and second place in the first base; `diagnostics.ocr_errors.order_signal`), yet the
+sign is drawn left to right around its centre. `GlyphPlaces` adds a learned embedding of each quoted
+glyph's place to its context token: the place is counted from the text's centre (2k - n + 1 for glyph
+k of n), the column the renderer puts it in. A model saved without it (`glyph_places: false` in its
+config) loads as it was saved.
 """
 from __future__ import annotations
 
@@ -79,6 +86,35 @@ class WordTokenizer:
         return ids
 
 
+def glyph_place_ids(tokenizer: WordTokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] token ids -> [B, L] place ids: 0 outside quotes, else 1 + (2k - n + 1) + (L - 1) for glyph
+    k (0-based) of the n glyphs between a pair of quote tokens; centred texts put equal ids in equal columns."""
+    quote = tokenizer.index['"']
+    places = torch.zeros_like(ids)
+    length = ids.shape[1]
+    for row in range(ids.shape[0]):
+        marks = (ids[row] == quote).nonzero().flatten().tolist()
+        for start, end in zip(marks[0::2], marks[1::2]):
+            n = end - start - 1
+            for k in range(n):
+                places[row, start + 1 + k] = 1 + (2 * k - n + 1) + (length - 1)
+    return places
+
+
+class GlyphPlaces(nn.Module):
+    """A learned vector per glyph place, added to the context tokens. Initialised at std 0.25, about a
+    third of a context token's per-dimension scale (0.8 in the first base): order is in the tokens from
+    the start (a zero start grew `order_signal` from 1.7% to only 1.8% in 100 pretraining steps)."""
+
+    def __init__(self, max_tokens: int, dim: int, init_std: float = 0.25):
+        super().__init__()
+        self.embedding = nn.Embedding(2 * max_tokens, dim)
+        nn.init.normal_(self.embedding.weight, std=init_std)
+
+    def forward(self, places: torch.Tensor) -> torch.Tensor:
+        return self.embedding(places) * (places > 0).unsqueeze(-1)
+
+
 class TinyAutoencoder(nn.Module):
     """Deterministic conv autoencoder: [B, 3, H, W] in [0, 1] <-> [B, C, H/d, W/d], d = 2^downsamples."""
 
@@ -139,7 +175,8 @@ def build_transformer(size: ToySize, latent_size: int):
 class ToyFlowModel(FlowModel):
     """Tokenizer + tiny CLIP (pooled) and T5 (tokens) + MMDiT on the latent of a tiny autoencoder."""
 
-    def __init__(self, size: str = "small", vocab: list[str] | None = None, image_size: int = 32):
+    def __init__(self, size: str = "small", vocab: list[str] | None = None, image_size: int = 32,
+                 glyph_places: bool = True):
         super().__init__()
         if size not in SIZES:
             raise ValueError(f"unknown toy model size {size!r}; known sizes: {sorted(SIZES)}")
@@ -155,6 +192,8 @@ class ToyFlowModel(FlowModel):
         self.t5_encoder = build_t5_encoder(len(self.tokenizer), self.spec)
         self.autoencoder = TinyAutoencoder(self.spec.latent_channels, self.spec.ae_width, self.spec.ae_downsamples)
         self.transformer = build_transformer(self.spec, image_size // self.downscale)
+        # Built last, so every other module's initial weights are those of a model without it.
+        self.glyph_places = GlyphPlaces(self.spec.max_tokens, self.spec.text_dim) if glyph_places else None
         # Per-channel latent statistics (SD3's shift/scaling factor): the flow sees N(0, 1)-ish latents.
         self.register_buffer("latent_mean", torch.zeros(self.spec.latent_channels))
         self.register_buffer("latent_std", torch.ones(self.spec.latent_channels))
@@ -163,13 +202,21 @@ class ToyFlowModel(FlowModel):
     # -- prompts
     @property
     def text_encoders(self) -> list[nn.Module]:
-        return [self.text_encoder, self.t5_encoder]
+        return [self.text_encoder, self.t5_encoder] + ([self.glyph_places] if self.glyph_places is not None else [])
+
+    def add_glyph_places(self) -> None:
+        """Give a model saved without glyph places a fresh `GlyphPlaces` (to be trained by continued pretraining)."""
+        if self.glyph_places is None:
+            self.glyph_places = GlyphPlaces(self.spec.max_tokens, self.spec.text_dim).to(self.device)
+            self.clear_prompt_cache()
 
     def text_embeddings(self, texts: list[str]) -> PromptEmbeds:
         """Differentiable text encoding (pretraining trains the encoders jointly)."""
         ids = self.tokenizer(texts).to(self.device)
         mask = (ids != SPECIALS.index("<pad>")).long()
         tokens = self.t5_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.glyph_places is not None:
+            tokens = tokens + self.glyph_places(glyph_place_ids(self.tokenizer, ids).to(self.device))
         return PromptEmbeds(tokens, self.text_encoder(input_ids=ids, attention_mask=mask).text_embeds)
 
     def _encode_uncached(self, texts: list[str]) -> PromptEmbeds:
@@ -194,7 +241,8 @@ class ToyFlowModel(FlowModel):
 
     # -- persistence
     def config(self) -> dict:
-        return {"size": self.size_name, "image_size": self.image_size, "vocab": self.tokenizer.vocab[len(SPECIALS):]}
+        return {"size": self.size_name, "image_size": self.image_size, "glyph_places": self.glyph_places is not None,
+                "vocab": self.tokenizer.vocab[len(SPECIALS):]}
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write `model.safetensors` + `config.json` (plus `extra`, e.g. measured metrics)."""
@@ -212,6 +260,7 @@ class ToyFlowModel(FlowModel):
 
         directory = Path(directory)
         cfg = json.loads((directory / "config.json").read_text())
-        model = cls(cfg["size"], vocab=cfg["vocab"], image_size=cfg["image_size"])
+        model = cls(cfg["size"], vocab=cfg["vocab"], image_size=cfg["image_size"],
+                    glyph_places=cfg.get("glyph_places", False))  # bases saved before glyph places had none
         load_model(model, str(directory / "model.safetensors"))
         return model.eval().requires_grad_(False)
