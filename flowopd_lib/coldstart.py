@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import adapters, data, flow, rollout
+from .evaluation import PROTOCOL
 from .config import Config, ConfigError, param
 from .models.base import FlowModel
 from .tracking import Run, seed_everything
@@ -130,8 +131,10 @@ class SFTConfig(Config):
     teachers: dict[str, str] = param(None, "task -> directory of its teacher adapter", default_factory=dict)
     datasets: dict[str, int] = param(None, "task -> number of training prompts sampled from its teacher",
                                      default_factory=lambda: {"geneval": 256, "ocr": 256, "pickscore": 256})
-    sample_steps: int = param(20, "ODE steps when sampling the teachers", range=(1, None))
-    cfg_scale: float = param(3.0, "CFG when sampling the teachers", range=(1, None))
+    sample_steps: int = param(PROTOCOL["steps"], "ODE steps when sampling the teachers (default: the teachers' "
+                              "protocol, evaluation.PROTOCOL)", range=(1, None))
+    cfg_scale: float = param(PROTOCOL["cfg_scale"], "CFG when sampling the teachers (default: the teachers' "
+                             "protocol, evaluation.PROTOCOL)", range=(1, None))
     shift: float = param(1.0, "timestep shift when sampling the teachers (SD3.5-M: 3)", range=(0, None))
     prompt_root: str | None = param(None, "a Flow-GRPO dataset/ folder (None = the toy world's prompts)")
     adapter: str = param("student", "name of the new adapter")

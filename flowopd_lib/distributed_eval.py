@@ -73,8 +73,10 @@ class EvalConfig(Config):
     eval_samples: int | dict[str, int] = param(1, "images per test prompt (sample j from the noise of seed + j, "
                                                "paired across models): one count, or task -> count, missing tasks "
                                                "1 (GenEval's protocol: {geneval: 4})")
-    eval_steps: int = param(20, "ODE steps of the evaluation (SD3.5-M: 40)", range=(1, None))
-    eval_cfg: float = param(3.0, "classifier-free guidance of the evaluation (1 = off; SD3.5-M: 4.5)", range=(0, None))
+    eval_steps: int = param(evaluation.PROTOCOL["steps"], "ODE steps of the evaluation (default: the toy world's "
+                            "protocol, evaluation.PROTOCOL; SD3.5-M: 40)", range=(1, None))
+    eval_cfg: float = param(evaluation.PROTOCOL["cfg_scale"], "classifier-free guidance of the evaluation (1 = off; "
+                            "default: the toy world's protocol, evaluation.PROTOCOL; SD3.5-M: 4.5)", range=(0, None))
     eval_batch_size: int | None = param(None, "images each process makes at once (CFG doubles the transformer's "
                                         "batch); None: rollout.default_batch_size, 128 toy images, 16 of "
                                         "SD3.5-M at 512 px", range=(1, None))

@@ -1,7 +1,7 @@
 """The shared evaluation protocol: one table row per model, one column per metric.
 
 Protocol (the paper's, in miniature: docs/toy_world.md): test prompts of each task, ODE sampling with fixed
-steps, CFG and seeds (every model starts from the same noise), each task judged by its reward:
+steps, CFG and seeds (`PROTOCOL`; every model starts from the same noise), each task judged by its reward:
 
     geneval          GenEval accuracy on geneval prompts (+ geneval/<tag> per category): the mean over
                      categories of the per-image correctness (`geneval_correct`)
@@ -53,6 +53,12 @@ TASKS = ("geneval", "ocr", "pickscore", "deqa")
 # The paper's Avg = mean(GenEval, OCR, DeQA / 5, PickScore / 26); the toy PickScore is already in [0, 1].
 NORMALISERS = {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0, "deqa": 5.0}
 EXACT_TASKS = ("geneval", "ocr")  # tasks whose samples are exactly right or not (`success`)
+
+# The toy world's evaluation protocol, declared here once: the shipped teachers were trained and measured
+# under it (their adapter.json records it), and every default of the toy world (these functions, EvalConfig,
+# the notebooks) follows it. CFG 1 (no guidance): at CFG 1 the base's skills are latent and the
+# forward-process trainers need no guidance in their rollouts. SD3.5-M's spec overrides it (CFG 4.5, 40 steps).
+PROTOCOL = {"cfg_scale": 1.0, "steps": 20, "seed": 0}
 
 
 def task_metrics(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> dict[str, float]:
@@ -141,7 +147,7 @@ def _cache_key(model_fingerprint: str, task: str, prompts: list, reward: str | N
 
 
 def evaluate(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = TASKS, n_prompts: int = 128,
-             steps: int = 20, cfg_scale: float = 3.0, seed: int = 0, prompt_root: str | None = None,
+             steps: int = PROTOCOL["steps"], cfg_scale: float = PROTOCOL["cfg_scale"], seed: int = PROTOCOL["seed"], prompt_root: str | None = None,
              reward_for_task: dict[str, str] | None = None, shift: float = 1.0,
              prompts_for_task: Callable[[str, int, int], list] | None = None,
              cache_dir: str | Path | None = None, batch_size: int | None = None) -> pd.DataFrame:
@@ -233,7 +239,7 @@ def _pass_row(s: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
 
 
 def headroom(model: FlowModel, tasks: tuple[str, ...] = EXACT_TASKS, n_prompts: int = 90, samples_per_prompt: int = 8,
-             ks: tuple[int, ...] = (1, 4, 8), steps: int = 20, cfg_scale: float = 3.0, seed: int = 20,
+             ks: tuple[int, ...] = (1, 4, 8), steps: int = PROTOCOL["steps"], cfg_scale: float = PROTOCOL["cfg_scale"], seed: int = 20,
              prompts_for_task: Callable[[str, int, int], list] | None = None, prompt_root: str | None = None,
              reward_for_task: dict[str, str] | None = None, shift: float = 1.0,
              batch_size: int | None = None) -> pd.DataFrame:
@@ -305,7 +311,8 @@ def sample_values(task: str, prompts: list, images: torch.Tensor, reward_name: s
 
 
 def sample_scores(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = TASKS, n_prompts: int = 90,
-                  samples_per_prompt: int = 1, steps: int = 20, cfg_scale: float = 3.0, seed: int = 0,
+                  samples_per_prompt: int = 1, steps: int = PROTOCOL["steps"], cfg_scale: float = PROTOCOL["cfg_scale"],
+                  seed: int = PROTOCOL["seed"],
                   shift: float = 1.0, prompt_root: str | None = None, reward_for_task: dict[str, str] | None = None,
                   prompts_for_task: Callable[[str, int, int], list] | None = None,
                   cache_dir: str | Path | None = None, batch_size: int | None = None) -> pd.DataFrame:
@@ -393,8 +400,8 @@ def compare(scores: pd.DataFrame, model: str, reference: str, n_boot: int = 2000
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def sample_grid(models: dict[str, FlowModel], prompts: list[str], steps: int = 20, cfg_scale: float = 3.0,
-                seed: int = 0, path=None, shift: float = 1.0, batch_size: int | None = None):
+def sample_grid(models: dict[str, FlowModel], prompts: list[str], steps: int = PROTOCOL["steps"],
+                cfg_scale: float = PROTOCOL["cfg_scale"], seed: int = PROTOCOL["seed"], path=None, shift: float = 1.0, batch_size: int | None = None):
     """A models x prompts grid of samples from the same noise (a matplotlib Figure)."""
     import matplotlib.pyplot as plt
 

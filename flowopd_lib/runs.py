@@ -72,7 +72,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "papermill_runs" / "outputs"
-KERNEL = "flowopd"
 _NAME = r"[A-Za-z0-9_]+"                # what a stage name may hold, so that {name} refers to it
 _REF = re.compile(r"\{(%s)\}" % _NAME)
 SHIPPED_TEACHERS = ROOT / "flowopd_lib" / "assets" / "teachers"  # teachers.ASSETS (not imported: torch)
@@ -207,8 +206,9 @@ def stage_parameters(spec: dict, stage: dict, stage_dirs: dict[str, Path], out_d
 
 
 def run_stage(stage: dict, params: dict, out_dir: Path) -> None:
-    import papermill
     from papermill.exceptions import PapermillExecutionError
+
+    from . import notebook
 
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / Path(stage["notebook"]).name
@@ -216,9 +216,7 @@ def run_stage(stage: dict, params: dict, out_dir: Path) -> None:
     (out_dir / "shipped_assets.sha256").write_text(shipped_inputs_record(params))
     try:
         with open(out_dir / "log.txt", "w") as log:
-            papermill.execute_notebook(str(ROOT / stage["notebook"]), str(executed), parameters=params,
-                                       kernel_name=KERNEL, cwd=str(ROOT), progress_bar=False,
-                                       stdout_file=log, stderr_file=log)
+            notebook.execute(ROOT / stage["notebook"], executed, params, cwd=ROOT, log=log)
     except PapermillExecutionError as err:
         raise RunError(f"stage {stage['name']!r} failed in {stage['notebook']}, cell {err.exec_count}: "
                        f"{err.ename}: {err.evalue}\n  executed notebook: {executed}\n  log: {out_dir / 'log.txt'}"

@@ -27,9 +27,8 @@ from .trainer import MAY_CHANGE_ON_RESUME, config_changes
 ASSETS = Path(__file__).parent / "assets" / "teachers"
 TEACHER_TRAINERS = ("grpo", "nft", "awm")  # stage-0 trainers of train.TRAINERS
 
-# The evaluation protocol the toy teachers are trained and judged under (CFG-free: at CFG 1 the
-# base's skills are latent, and the forward-process trainers need no guidance in their rollouts).
-PROTOCOL = {"cfg_scale": 1.0, "steps": 20, "seed": 0}
+# The evaluation protocol the toy teachers are trained and judged under: the toy world's one protocol.
+PROTOCOL = evaluation.PROTOCOL
 
 # What a teacher must add to the base on its own metric under PROTOCOL (DeQA is on a 1-5 scale).
 SHIP_BARS = {"geneval": 0.15, "ocr": 0.15, "pickscore": 0.15, "deqa": 0.3}

@@ -12,7 +12,7 @@ import torch
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from flowopd_lib import adapters, runs, train
+from flowopd_lib import adapters, notebook, runs, train
 from flowopd_lib.models.toy import ToyFlowModel
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -77,8 +77,7 @@ def test_notebook_runs_under_papermill(name, tmp_path, monkeypatch):
         if isinstance(value, dict):
             params[key] = {k: teachers[v[9:-1]] if isinstance(v, str) and v.startswith("<teacher:") else v
                            for k, v in value.items()}
-    papermill.execute_notebook(str(NOTEBOOKS / name), str(tmp_path / name), parameters=params,
-                               kernel_name="flowopd", cwd=str(tmp_path), progress_bar=False)
+    notebook.execute(NOTEBOOKS / name, tmp_path / name, params, cwd=tmp_path)
     assert any((tmp_path / "out").glob("*.png")), "the notebook saves its figures next to its outputs"
 
 
