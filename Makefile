@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KERNEL := flowopd
 
-.PHONY: setup run test test-all dryrun clean
+.PHONY: setup run test test-all dryrun notebooks clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test-all: setup
 dryrun: setup
 	$(PY) -m pytest -m ranks -p no:cacheprovider tests/test_full_scale_ranks.py
 	$(PY) -m flowopd_lib.dryrun papermill_runs/sd35m.yaml
+
+# Every notebook at its defaults, as a new user opens it (tests/test_notebook_defaults.py).
+notebooks: setup
+	$(PY) -m pytest -m defaults -p no:cacheprovider tests/test_notebook_defaults.py
 
 clean:
 	rm -rf runs papermill_runs/outputs .pytest_cache

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .precision import float32_trainables
+from .safe_files import FileError, check_safetensors, read_json_object
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
 PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME = "adapter_config.json", "adapter_model.safetensors"  # peft's folder
@@ -263,14 +264,15 @@ def save(model, name: str, directory: str | Path, metadata: dict | None = None) 
     `StableDiffusion3Pipeline.load_lora_weights(directory)` loads it. The LoraConfig goes into the
     file's metadata: without it diffusers assumes lora_alpha = r on loading, silently rescaling the
     adapter. (`transformer.save_lora_adapter` keeps the metadata but drops the "transformer."
-    key prefix that pipelines look for.)"""
-    from diffusers import StableDiffusion3Pipeline
+    key prefix that pipelines look for.) The writer is SD3LoraLoaderMixin's, which the pipeline
+    inherits: importing the pipeline itself pulls in its IP-adapter image processors."""
+    from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin
     from peft import get_peft_model_state_dict
 
     _check(model, name)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(
+    SD3LoraLoaderMixin.save_lora_weights(
         directory, transformer_lora_layers=get_peft_model_state_dict(model.transformer, adapter_name=name),
         transformer_lora_adapter_metadata=model.transformer.peft_config[name].to_dict(), weight_name=WEIGHT_NAME)
     config = model.transformer.peft_config[name]
@@ -285,13 +287,12 @@ def load(model, directory: str | Path, name: str | None = None) -> str:
     file), or a peft folder (adapter_config.json + adapter_model.safetensors), the format of
     Flow-GRPO's released LoRAs (`jieliu/SD3.5M-FlowGRPO-GenEval`, `-Text`, `-PickScore`)."""
     directory = Path(directory)
+    check_folder(directory)
     if (directory / PEFT_CONFIG_NAME).exists() and not (directory / WEIGHT_NAME).exists():
         return load_peft_folder(model, directory, name or directory.name)
-    if not (directory / WEIGHT_NAME).exists():
-        raise FileNotFoundError(f"{directory} has neither {WEIGHT_NAME} (adapters.save, diffusers) nor "
-                                f"{PEFT_CONFIG_NAME} (a peft folder, e.g. Flow-GRPO's released LoRAs)")
-    info_path = directory / "adapter.json"
-    name = name or (json.loads(info_path.read_text())["name"] if info_path.exists() else directory.name)
+    if name is None:
+        recorded = metadata(directory) if (directory / "adapter.json").exists() else {}
+        name = recorded.get("name", directory.name)
     if name in names(model):
         raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
     with warnings.catch_warnings():
@@ -321,8 +322,28 @@ def load_peft_folder(model, directory: Path, name: str) -> str:
     return name
 
 
+def check_folder(directory: str | Path, what: str = "an adapter folder") -> None:
+    """Refuse, before anything loads, a folder without a loadable adapter: safetensors weights
+    (`save`'s or diffusers' file, or a peft folder's; their header is checked) and readable
+    metadata. Raises safe_files.FileError naming the folder and what is missing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileError(f"{directory}: no such folder ({what})")
+    if (directory / PEFT_CONFIG_NAME).exists() and not (directory / WEIGHT_NAME).exists():
+        read_json_object(directory / PEFT_CONFIG_NAME, "a peft adapter config")
+        check_safetensors(directory / PEFT_WEIGHT_NAME, f"{what}'s weights")
+        return
+    if not (directory / WEIGHT_NAME).exists():
+        raise FileError(f"{directory} ({what}) holds no adapter: neither {WEIGHT_NAME} (adapters.save, diffusers) "
+                        f"nor {PEFT_CONFIG_NAME} (a peft folder, e.g. Flow-GRPO's released LoRAs)")
+    check_safetensors(directory / WEIGHT_NAME, f"{what}'s weights")
+    if (directory / "adapter.json").exists():
+        metadata(directory)
+
+
 def metadata(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / "adapter.json").read_text())
+    """The adapter's adapter.json (what `save` recorded: config, updates, training time...)."""
+    return read_json_object(Path(directory) / "adapter.json", "an adapter's metadata")
 
 
 class AdaptedModel:

@@ -25,9 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cli import UserError
 
-class CheckpointError(RuntimeError):
-    """No complete checkpoint to resume from although checkpoints exist (the message names them)."""
+
+class CheckpointError(UserError, RuntimeError):
+    """No complete checkpoint to resume from although checkpoints exist (the message names them); a
+    run directory's problem, so a command reports it in one line (cli.py)."""
 
 
 def rng_state() -> dict[str, Any]:

@@ -124,6 +124,19 @@ def merge(model, teachers: dict[str, float], name: str = "merge", method: str = 
     return name
 
 
+def merge_directories(base: str, teachers: dict[str, str | Path], directory: str | Path, method: str = "delta") -> Path:
+    """The `method` merge of saved teacher adapters (task -> directory) at equal weights, saved to
+    `directory` (kept if already there: merging is deterministic). Returns the directory."""
+    from .models import load_base
+
+    directory = Path(directory)
+    if (directory / adapters.WEIGHT_NAME).exists():
+        return directory
+    model = load_base(base)
+    names = [adapters.load(model, d, f"teacher_{task}") for task, d in teachers.items()]
+    merge(model, dict.fromkeys(names, 1.0), name="merge", method=method)
+    return adapters.save(model, "merge", directory, {"method": method, "teachers": {t: str(d) for t, d in teachers.items()}})
+
 # ----------------------------------------------------------------------------- SFT cold start
 
 @dataclasses.dataclass

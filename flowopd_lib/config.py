@@ -40,11 +40,14 @@ from typing import Any
 
 import yaml
 
+from .cli import UserError
+
 _MISSING = dataclasses.MISSING
 
 
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message names it and says what is allowed."""
+class ConfigError(UserError):
+    """A config value or key is invalid; the message names it and says what is allowed (a user's
+    mistake: a command reports it in one line, cli.py)."""
 
 
 def param(default: Any = _MISSING, help: str = "", *, range: tuple[float | None, float | None] | None = None,
@@ -237,9 +240,13 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
+        """The config of a YAML file of fields; a broken or misshapen file is a ConfigError naming it."""
+        from .safe_files import FileError, read_mapping
+
+        try:
+            values = read_mapping(path, f"a {cls.__name__} file")
+        except FileError as error:
+            raise ConfigError(str(error)) from None
         return cls.from_dict(values)
 
     def replace(self, **overrides: Any) -> "Config":

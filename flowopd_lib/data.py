@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from .cli import UserError
+from .safe_files import FileError, read_text
 from .tasks import TASKS
 from .toy.grammar import Prompt, parse_ocr
 from .toy.splits import _cycle, prompt_file
@@ -37,10 +39,15 @@ from .toy.splits import _cycle, prompt_file
 def load_geneval_metadata(path: str | Path, task: str = "geneval") -> list[Prompt]:
     """One prompt per JSON line (blank lines skipped); each line needs "prompt", "tag", "include"."""
     prompts = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "GenEval metadata").splitlines(), start=1):
         if not line.strip():
             continue
-        metadata = json.loads(line)
+        try:
+            metadata = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise FileError(f"{path}:{number}: not a line of GenEval metadata ({error.msg}; cut off?)") from None
+        if not isinstance(metadata, dict):
+            raise FileError(f"{path}:{number}: GenEval metadata must be one JSON object a line")
         missing = {"prompt", "tag", "include"} - set(metadata)
         if missing:
             raise ValueError(f"{path}:{number}: GenEval metadata lacks {sorted(missing)}")
@@ -51,7 +58,7 @@ def load_geneval_metadata(path: str | Path, task: str = "geneval") -> list[Promp
 def load_text_prompts(path: str | Path, task: str) -> list[Prompt]:
     """One prompt per non-blank line (stripped); OCR prompts must quote their text."""
     prompts = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, f"a {task} prompt file").splitlines(), start=1):
         text = line.strip()
         if not text:
             continue
@@ -98,7 +105,7 @@ def prompt_source(task_to_file: dict[str, str | Path], cycle: bool = True) -> Ca
     return source
 
 
-class TestSetTooSmall(ValueError):
+class TestSetTooSmall(UserError):
     """More test prompts were asked for than the test file holds (a test set is never cycled)."""
 
     __test__ = False  # not a pytest test class, despite the name

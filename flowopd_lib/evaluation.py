@@ -400,6 +400,19 @@ def compare(scores: pd.DataFrame, model: str, reference: str, n_boot: int = 2000
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def changes(scores: pd.DataFrame, reference: str = "base", metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Every other model minus `reference` (paired, as `compare`): one row per (model, metric) with diff,
+    low, high (95% bootstrap interval) and `verdict`: "up" or "down" where the interval excludes 0,
+    "no difference" where it covers 0."""
+    rows = []
+    for model in [m for m in scores["model"].unique() if m != reference]:
+        table = compare(scores, model, reference)
+        for metric_name, r in table.iterrows():
+            if metrics is None or metric_name in metrics:
+                verdict = "up" if r["low"] > 0 else "down" if r["high"] < 0 else "no difference"
+                rows.append({"model": model, "metric": metric_name, **r.to_dict(), "verdict": verdict})
+    return pd.DataFrame(rows).set_index(["model", "metric"])
+
 def sample_grid(models: dict[str, FlowModel], prompts: list[str], steps: int = PROTOCOL["steps"],
                 cfg_scale: float = PROTOCOL["cfg_scale"], seed: int = PROTOCOL["seed"], path=None, shift: float = 1.0, batch_size: int | None = None):
     """A models x prompts grid of samples from the same noise (a matplotlib Figure)."""

@@ -90,6 +90,19 @@ class GRPOConfig(OnPolicyConfig):
         unknown = [r for r in self.rewards if r not in rewards.available()]
         if unknown:
             raise ConfigError(f"rewards has unknown name(s) {unknown}; available: {rewards.available()}")
+        unjudged = [task for task in self.datasets if not self.judging_rewards(task)]
+        if unjudged:
+            how = (f"task_rewards names {[self.task_rewards.get(t) for t in unjudged]} for them"
+                   if self.reward_routing == "task" else "none of them can judge those prompts")
+            raise ConfigError(f"{type(self).__name__}: no reward in rewards={self.rewards} judges the prompts of "
+                              f"task(s) {unjudged} in datasets ({how}); add a reward that does, or drop the task "
+                              "from datasets")
+
+    def judging_rewards(self, task: str) -> list[str]:
+        """The rewards that judge the prompts of `task` (with reward_routing 'task': its task_rewards entry)."""
+        if self.reward_routing == "task":
+            return [r for r in self.rewards if r == self.task_rewards.get(task)]
+        return [r for r in self.rewards if rewards.judges(r, task)]
 
 
 class GRPOTrainer(OnPolicyTrainer):

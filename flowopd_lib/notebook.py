@@ -37,3 +37,47 @@ def execute(notebook: str | Path, executed: str | Path, parameters: dict, cwd: s
     return papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, kernel_name=KERNEL,
                                       cwd=str(cwd), progress_bar=False, stdout_file=log, stderr_file=log,
                                       kernel_manager_class=IPCKernelManager)
+
+
+def assigned_names(source: str) -> list[str]:
+    """Names a cell's top-level statements assign (`x = ...`, `x: int = ...`), in order."""
+    import ast
+
+    names = []
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def unknown_parameters(history: list[str]) -> tuple[list[str], list[str]]:
+    """(unknown, declared) parameters from a kernel's input history: papermill runs the notebook's
+    `parameters` cell, then its injected cell, which starts with "# Parameters"; a name injected there
+    that the parameters cell does not assign is unknown (papermill itself only warns, then runs)."""
+    injected = [i for i, source in enumerate(history) if source.lstrip().startswith("# Parameters") and i > 0]
+    if not injected:
+        return [], []
+    i = injected[-1]
+    declared = assigned_names(history[i - 1])
+    return [n for n in assigned_names(history[i]) if n not in declared], declared
+
+
+def refuse_unknown_parameters() -> None:
+    """The first call after a notebook's parameters cell: stop with one line naming a parameter the
+    notebook does not declare (e.g. `-p updatez 1`, which papermill would run at the defaults) and the
+    closest declared name. Does nothing outside a kernel or when no parameters were injected."""
+    import difflib
+
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    unknown, declared = unknown_parameters(list(shell.user_ns.get("In", [])))
+    if unknown:
+        hints = [f"{n!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(n, declared, 1)) else repr(n)
+                 for n in unknown]
+        raise ValueError(f"unknown notebook parameter(s) {', '.join(hints)}; this notebook's parameters: "
+                         f"{', '.join(declared)}")

@@ -171,6 +171,8 @@ class OPDConfig(OnPolicyConfig):
     anchor: str = param("base", "MAR anchor: 'base' (adapters off) or a directory of an adapter (e.g. the deqa teacher)")
     datasets: dict[str, float] = param(None, "task -> sampling ratio of its training prompts",
                            default_factory=lambda: {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0})
+    updates: int = param(40, "number of updates (rollout + optimizer steps); 40: the toy study's distillation "
+                         "(papermill_runs/toy_full.yaml), ~4 minutes on 2 cores", range=(0, None))
     out_dir: str = param("runs/student", "run directory (adapter/, checkpoints/, metrics.csv)")
 
     def check(self) -> None:
@@ -189,6 +191,11 @@ class OPDConfig(OnPolicyConfig):
         if self.ode_after_trained and OBJECTIVES[self.objective].every_step:
             raise ConfigError(f"objective={self.objective!r} scores every step of the trajectory, which needs SDE "
                               "steps throughout: set ode_after_trained=False or use objective 'kl'")
+
+    def input_adapters(self) -> dict[str, str]:
+        """The start adapter, each teacher and a MAR anchor that is an adapter folder."""
+        found = {**super().input_adapters(), **{f"teachers[{task!r}]": d for task, d in self.teachers.items()}}
+        return {**found, "anchor": self.anchor} if self.anchor != "base" else found
 
 
 def teacher_name(task: str) -> str:

@@ -39,6 +39,9 @@ class PretrainConfig(Config):
     weight_decay: float = param(0.01, "AdamW weight decay", range=(0, 1))
     grad_clip: float = param(1.0, "gradient-norm clip", range=(0, None))
     caption_noise: float = param(toy.captions.CAPTION_NOISE, "probability a caption is left vague or wrong (toy.pretraining_batch)", range=(0, 1))
+    ocr_caption_noise: float | None = param(None, "the same for sign captions' quoted text (None: caption_noise); with "
+                                            "glyph places the base binds text fast, and web captions rarely "
+                                            "transcribe signs", range=(0, 1))
     caption_dropout: float = param(0.1, "probability of the empty caption (trains the unconditional branch for CFG)", range=(0, 1))
     ema_decay: float = param(0.999, "EMA decay of the flow weights (the EMA is what is saved)", range=(0, 1))
     time_budget_minutes: float | None = param(None, "stop the flow phase after this many minutes", range=(0, None))
@@ -138,7 +141,8 @@ def train_flow(model: ToyFlowModel, cfg: PretrainConfig, run: Run | None = None,
             module.train()
         g = _step_generator(cfg.seed, step, 2)
         images, captions = toy.pretraining_batch(cfg.batch, seed=_batch_seed(cfg.seed, step, 2),
-                                                 caption_noise=cfg.caption_noise, size=cfg.image_size)
+                                                 caption_noise=cfg.caption_noise, size=cfg.image_size,
+                                                 ocr_caption_noise=cfg.ocr_caption_noise)
         drop = torch.rand(len(captions), generator=g) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():

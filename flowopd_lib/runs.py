@@ -34,9 +34,12 @@ base and the teachers once for all the stages' tables; the summary's per-sample 
 protocol of their own, computed once and reused by a repeated summary). A finished stage leaves `.done` and is skipped when the run is repeated; an
 interrupted stage re-runs and its trainer resumes from its checkpoints. A stage whose parameters
 differ from those it ran with (an edited spec, another `-p`), and every stage that consumes it,
-re-runs from scratch: its old folder is kept as `<stage>.previous`, so nothing stale is skipped or
-resumed. The shipped toy assets (base model, PickScore scorer, prompt files) count as inputs of
-every stage on the toy base, and each shipped teacher a stage names (a path under the teachers
+re-runs from scratch: its old folder is kept as a dated backup `<stage>.previous-<date>` (every one:
+delete them when done), so nothing stale is skipped or resumed and nothing finished is lost. A
+stage whose finished backup ran with exactly today's parameters and inputs is restored instead of
+re-run (a typo that failed, then the original parameters again), and so is each consumer set aside
+with it (built on those very outputs). The shipped toy assets (base model, PickScore scorer, prompt
+files) count as inputs of every stage on the toy base, and each shipped teacher a stage names (a path under the teachers
 folder, e.g. from `{teachers}/ocr`) as an input of that stage: a stage that ran on other assets
 (a retrained base) or another teacher (a re-shipped one) re-runs the same way, with its
 consumers; shipping one teacher leaves the stages that do not name it alone. A failing stage
@@ -46,6 +49,10 @@ produced stays, so the next run re-does only what failed and its consumers. The 
 holds the spec, the git commit and package versions.
 
     python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N]
+
+A wrong spec or command line (a YAML error, `stages` not a list of mappings, a run name that is not
+one folder name under --outputs, an unknown key) is one line and exit status 2 before anything is
+written or started.
 
 `--jobs N` runs up to N stages at once, in spec order, each as soon as the stages it refers to are
 done (independent trainings side by side, then the stages that consume them), with cores / N
@@ -62,7 +69,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -70,9 +76,12 @@ from pathlib import Path
 
 import yaml
 
+from . import cli, safe_files
+
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "papermill_runs" / "outputs"
 _NAME = r"[A-Za-z0-9_]+"                # what a stage name may hold, so that {name} refers to it
+_RUN_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # one folder name under --outputs: no '/', no leading '.'
 _REF = re.compile(r"\{(%s)\}" % _NAME)
 SHIPPED_TEACHERS = ROOT / "flowopd_lib" / "assets" / "teachers"  # teachers.ASSETS (not imported: torch)
 PLACEHOLDERS = {"teachers": SHIPPED_TEACHERS}  # {name} -> a folder outside the run (docstring); not stage names
@@ -84,33 +93,54 @@ class RunError(RuntimeError):
     """A stage failed or the spec is wrong; the message says which and why."""
 
 
-class UsageError(RunError):
-    """The command line asks for what the spec's stages cannot do (exit status 2, as argparse's errors)."""
+class UsageError(RunError, cli.UserError):
+    """The spec or the command line is wrong, found before anything is written or started (one
+    line, exit status 2, as argparse's errors)."""
 
 
 def load_spec(path: str | Path) -> dict:
-    spec = yaml.safe_load(Path(path).read_text())
-    if not isinstance(spec, dict) or "stages" not in spec:
-        raise RunError(f"{path}: a run spec needs 'name', optional 'shared' and a list of 'stages'")
+    """The run spec at `path`, its shape checked (UsageError naming the file and the fault)."""
+    try:
+        spec = safe_files.read_mapping(path, "a run spec")
+    except safe_files.FileError as error:
+        raise UsageError(str(error)) from None
+    stages = spec.get("stages")
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise UsageError(f"{path}: 'stages' must be a list of mappings (name, notebook, parameters), one per "
+                         f"stage; it is {str(stages)[:60]!r}")
     spec.setdefault("name", Path(path).stem)
-    spec.setdefault("shared", {})
-    names = [s.get("name") for s in spec["stages"]]
-    for stage in spec["stages"]:
+    if not isinstance(spec["name"], str) or not re.fullmatch(_RUN_NAME, spec["name"]):
+        raise UsageError(f"{path}: run name {spec['name']!r} must be one folder name under --outputs (letters, "
+                         f"digits, '_', '-', '.'; no '/' and no leading '.'), e.g. "
+                         f"{re.sub(r'[^A-Za-z0-9_.-]', '_', str(spec['name'])).lstrip('.') or 'run'!r}")
+    spec["shared"] = spec.get("shared") or {}
+    mappings = {"shared parameters": spec["shared"],
+                **{f"parameters of stage {s.get('name')!r}": s.get("parameters") or {} for s in stages}}
+    for where, value in mappings.items():
+        if not isinstance(value, dict):
+            raise UsageError(f"{path}: the {where} must be a mapping of parameter: value, not {str(value)[:60]!r}")
+    check_stages(path, stages)
+    return spec
+
+
+def check_stages(path: str | Path, stages: list[dict]) -> None:
+    """Each stage has a name that {name} can refer to, once, and a notebook that exists."""
+    names = [s.get("name") for s in stages]
+    for stage in stages:
         missing = {"name", "notebook"} - set(stage)
         if missing:
-            raise RunError(f"{path}: stage {stage} lacks {sorted(missing)}")
+            raise UsageError(f"{path}: stage {stage} lacks {sorted(missing)}")
         if not re.fullmatch(_NAME, str(stage["name"])):
-            raise RunError(f"{path}: stage name {stage['name']!r} may hold only letters, digits and '_' "
-                           f"(it is referred to as {{name}}); e.g. {re.sub(r'[^A-Za-z0-9_]', '_', str(stage['name']))!r}")
-        if not (ROOT / stage["notebook"]).exists():
-            raise RunError(f"{path}: stage {stage['name']!r}: notebook {stage['notebook']} does not exist")
+            raise UsageError(f"{path}: stage name {stage['name']!r} may hold only letters, digits and '_' "
+                             f"(it is referred to as {{name}}); e.g. {re.sub(r'[^A-Za-z0-9_]', '_', str(stage['name']))!r}")
+        if not (ROOT / str(stage["notebook"])).is_file():
+            raise UsageError(f"{path}: stage {stage['name']!r}: notebook {stage['notebook']} does not exist")
     if len(set(names)) != len(names):
-        raise RunError(f"{path}: stage names repeat: {names}")
+        raise UsageError(f"{path}: stage names repeat: {names}")
     reserved = sorted(set(names) & set(PLACEHOLDERS))
     if reserved:
-        raise RunError(f"{path}: stage name(s) {reserved} are taken: {{{reserved[0]}}} is "
-                       f"{shown(PLACEHOLDERS[reserved[0]])}; rename the stage")
-    return spec
+        raise UsageError(f"{path}: stage name(s) {reserved} are taken: {{{reserved[0]}}} is "
+                         f"{shown(PLACEHOLDERS[reserved[0]])}; rename the stage")
 
 
 def shown(path: Path) -> str:
@@ -142,12 +172,12 @@ def check_keys(spec: dict, overrides: dict) -> None:
     notebooks = sorted({s["notebook"] for s in spec["stages"]})
     for where, keys in ((f"{spec['name']}: shared", spec["shared"]), ("-p", overrides)):
         if set(keys) & RUNNER_PARAMETERS:
-            raise RunError(f"{where}: out_dir is set by the runner (<outputs>/<run>/<stage>); choose the "
-                           "folder with --outputs")
+            raise UsageError(f"{where}: out_dir is set by the runner (<outputs>/<run>/<stage>); choose the "
+                             "folder with --outputs")
         said = unknown_keys(keys, valid)
         if said:
-            raise RunError(f"{where}: no stage's notebook declares {said}; the notebooks {notebooks} declare "
-                           f"{sorted(valid)}")
+            raise UsageError(f"{where}: no stage's notebook declares {said}; the notebooks {notebooks} declare "
+                             f"{sorted(valid)}")
 
 
 def merge_parameters(base: dict, update: dict) -> dict:
@@ -168,8 +198,8 @@ def resolve(value, stage_dirs: dict[str, Path], stage: str):
             if m.group(1) in PLACEHOLDERS:
                 return str(PLACEHOLDERS[m.group(1)])
             if m.group(1) not in stage_dirs:
-                raise RunError(f"stage {stage!r} refers to {{{m.group(1)}}}, which is not an earlier stage "
-                               f"(earlier: {sorted(stage_dirs)}) nor one of {sorted('{%s}' % p for p in PLACEHOLDERS)}")
+                raise UsageError(f"stage {stage!r} refers to {{{m.group(1)}}}, which is not an earlier stage "
+                                 f"(earlier: {sorted(stage_dirs)}) nor one of {sorted('{%s}' % p for p in PLACEHOLDERS)}")
             return str(stage_dirs[m.group(1)])
         return _REF.sub(sub, value)
     if isinstance(value, list):
@@ -180,10 +210,11 @@ def resolve(value, stage_dirs: dict[str, Path], stage: str):
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise RunError(f"-p {text!r}: write key=value (the value is read as YAML, e.g. -p updates=5)")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    """`-p key=value` -> (key, value read as YAML); anything else is a UsageError naming it."""
+    try:
+        return cli.key_value(text, "-p")
+    except cli.UserError as error:
+        raise UsageError(str(error)) from None
 
 
 def stage_parameters(spec: dict, stage: dict, stage_dirs: dict[str, Path], out_dir: Path,
@@ -192,9 +223,9 @@ def stage_parameters(spec: dict, stage: dict, stage_dirs: dict[str, Path], out_d
     own = stage.get("parameters", {})
     said = unknown_keys(own, declared - RUNNER_PARAMETERS)
     if said:
-        raise RunError(f"stage {stage['name']!r}: {stage['notebook']} has no parameter(s) {said}"
-                       + ("; out_dir is set by the runner" if set(own) & RUNNER_PARAMETERS else "")
-                       + f"; it declares {sorted(declared - RUNNER_PARAMETERS)}")
+        raise UsageError(f"stage {stage['name']!r}: {stage['notebook']} has no parameter(s) {said}"
+                         + ("; out_dir is set by the runner" if set(own) & RUNNER_PARAMETERS else "")
+                         + f"; it declares {sorted(declared - RUNNER_PARAMETERS)}")
     params = {k: v for k, v in spec["shared"].items() if k in declared}
     params = merge_parameters(params, own)
     params = merge_parameters(params, {k: v for k, v in overrides.items() if k in declared})  # -p wins everywhere
@@ -315,7 +346,7 @@ def inputs_changed(out_dir: Path, params: dict, on_shipped_assets: bool) -> bool
     recorded = out_dir / "parameters.yaml"
     if not recorded.exists():
         return False
-    if yaml.safe_load(recorded.read_text()) != yaml.safe_load(yaml.safe_dump(params)):
+    if recorded_parameters(recorded) != yaml.safe_load(yaml.safe_dump(params)):
         return True
     assets = out_dir / "shipped_assets.sha256"
     lines = assets.read_text().splitlines() if assets.exists() else []
@@ -324,53 +355,74 @@ def inputs_changed(out_dir: Path, params: dict, on_shipped_assets: bool) -> bool
     return lines[1:] != shipped_teacher_lines(params)
 
 
-def set_aside(out_dir: Path) -> Path:
-    """Move a stale stage folder to `<stage>.previous` (replacing an older one); returns where."""
-    previous = out_dir.with_name(out_dir.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    out_dir.rename(previous)
-    return previous
+def recorded_parameters(path: Path) -> dict:
+    """A stage folder's parameters.yaml (an unreadable one is a UsageError naming it and the fix)."""
+    try:
+        return safe_files.read_mapping(path, "the parameters a stage ran with")
+    except safe_files.FileError as error:
+        raise UsageError(f"{error} (or move the folder {path.parent} away to re-run the stage)") from None
+
+
+def finished_backup(stage: dict, out_dir: Path, params: dict, upstream: set[str]) -> Path | None:
+    """The newest backup (`safe_files.set_aside`) of a stage that finished with exactly `params` and
+    today's shipped inputs, when its folder does not hold such a run itself. `upstream`: when the
+    restored stages it consumes were set aside; then only a backup set aside with them (built on
+    those outputs) qualifies, and never one of several such moments."""
+    on_toy = on_toy_base(stage, params)
+    if (finished_with(out_dir, params, on_toy) and not upstream) or len(upstream) > 1:
+        return None
+    for backup in reversed(safe_files.backups(out_dir)):
+        if (not upstream or safe_files.backup_stamp(backup) in upstream) and finished_with(backup, params, on_toy):
+            return backup
+    return None
+
+
+def finished_with(folder: Path, params: dict, on_toy: bool) -> bool:
+    """Whether a stage folder holds a finished run of `params` on today's shipped inputs (an
+    unreadable record counts as not)."""
+    if not (folder / ".done").exists() or not (folder / "parameters.yaml").exists():
+        return False
+    try:
+        return not inputs_changed(folder, params, on_toy)
+    except UsageError:
+        return False
+
+
+def restore(backup: Path, out_dir: Path, when: str) -> Path | None:
+    """Put a stage's backup back in its place, its current folder (if any) set aside; returns where."""
+    aside = safe_files.set_aside(out_dir, when=when) if out_dir.exists() else None
+    os.rename(backup, out_dir)
+    return aside
+
+
+def fresh_stamp(run_dir: Path) -> str:
+    """This run's date for the folders it sets aside, one no backup in `run_dir` carries yet (so a
+    restore finds the consumers set aside together with a stage)."""
+    base = when = safe_files.stamp()
+    n = 1
+    while any(run_dir.glob(f"*{safe_files.BACKUP}{when}")) or any(run_dir.glob(f"*{safe_files.BACKUP}{when}.*")):
+        n += 1
+        when = f"{base}-{n}"
+    return when
 
 
 def run(spec_path: str | Path, only: list[str] | None = None, start: str | None = None,
         overrides: dict | None = None, outputs: Path = OUTPUTS, jobs: int = 1, report: bool = True) -> Path:
-    """Execute the spec's stages in order (see the module docstring); returns the run directory."""
+    """Execute the spec's stages in order (see the module docstring); returns the run directory.
+    Everything is checked and decided before anything is written, moved or started."""
     spec, overrides = load_spec(spec_path), overrides or {}
     run_dir = outputs / spec["name"]
     names = [s["name"] for s in spec["stages"]]
     for name in (only or []) + ([start] if start else []):
         if name not in names:
-            raise RunError(f"no stage {name!r} in {spec_path}; stages: {names}")
+            raise UsageError(f"no stage {name!r} in {spec_path}; stages: {names}")
     plan = plan_stages(spec, run_dir, overrides)  # before anything runs: spec errors fail fast
-    for (stage, _, params), selected in zip(plan, selection(plan, only, start)):
-        missing = missing_teachers(params) if selected else {}  # a teacher not shipped yet: say so before anything runs
-        if missing:
-            name = sorted(missing)[0]
-            raise RunError(f"stage {stage['name']!r} uses the shipped teacher(s) {sorted(missing)}, not shipped yet "
-                           f"(no {shown(missing[name] / 'adapter.json')}): train and ship each with "
-                           f"`python -m flowopd_lib.teachers train {name} --out runs/teachers/{name}` and "
-                           f"`python -m flowopd_lib.teachers ship {name} --run runs/teachers/{name}`")
-    on_gpus = gpu_launch_stages([p for p, selected in zip(plan, selection(plan, only, start)) if selected])
-    if jobs > 1 and on_gpus:  # before anything is written or started
-        raise UsageError(f"--jobs {jobs} runs stages side by side, but {len(on_gpus)} stage(s) train as accelerate "
-                         f"jobs on the GPUs ({', '.join(f'{name}: num_processes={n}' for name, n in on_gpus.items())}): "
-                         "side by side they would start on the same GPUs and rendezvous port. Run with --jobs 1 "
-                         "(each stage gets every GPU in turn)")
+    chosen = selection(plan, only, start)
+    check_runnable(plan, chosen, jobs)
+    decisions = decide(plan, chosen, rerun=bool(only) or start is not None)  # reads every stage folder
     if report:  # the parent's record: --jobs children (quiet) would overwrite it with their own command
         write_provenance(run_dir, spec, overrides)
-    todo, changed = [], set()
-    for (stage, out_dir, params), selected in zip(plan, selection(plan, only, start)):
-        done = out_dir / ".done"
-        if selected and (inputs_changed(out_dir, params, on_toy_base(stage, params)) or dependencies(stage) & changed):
-            changed.add(stage["name"])
-            if out_dir.exists():  # a consumer of a changed stage may never have run
-                print(f"[{spec['name']}] {stage['name']}: its parameters, inputs or shipped assets changed since it ran; "
-                      f"re-running (old outputs: {set_aside(out_dir)})")
-        if not selected or (done.exists() and not only and start is None):
-            if report:  # a child of --jobs stays quiet about the stages it does not run
-                print(f"[{spec['name']}] {stage['name']}: {'done, skipped' if done.exists() else 'not selected'}")
-            continue
-        todo.append((stage, out_dir, params))
+    todo = apply(spec["name"], plan, decisions, fresh_stamp(run_dir), report)
     if jobs > 1 and len(todo) > 1:
         run_parallel(spec_path, spec, todo, overrides, outputs, jobs)
     else:
@@ -379,6 +431,69 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
     if summary.exists() and report:
         print(f"\nsummary: {summary}\n\n{summary.read_text()}")
     return run_dir
+
+
+def check_runnable(plan: list, chosen: list[bool], jobs: int) -> None:
+    """Refuse, before anything is written or started, selected stages that name a teacher not
+    shipped yet, and --jobs > 1 for stages that train as accelerate jobs on the GPUs."""
+    for (stage, _, params), selected in zip(plan, chosen):
+        missing = missing_teachers(params) if selected else {}
+        if missing:
+            name = sorted(missing)[0]
+            raise UsageError(f"stage {stage['name']!r} uses the shipped teacher(s) {sorted(missing)}, not shipped yet "
+                             f"(no {shown(missing[name] / 'adapter.json')}): train and ship each with "
+                             f"`python -m flowopd_lib.teachers train {name} --out runs/teachers/{name}` and "
+                             f"`python -m flowopd_lib.teachers ship {name} --run runs/teachers/{name}`")
+    on_gpus = gpu_launch_stages([p for p, selected in zip(plan, chosen) if selected])
+    if jobs > 1 and on_gpus:
+        raise UsageError(f"--jobs {jobs} runs stages side by side, but {len(on_gpus)} stage(s) train as accelerate "
+                         f"jobs on the GPUs ({', '.join(f'{name}: num_processes={n}' for name, n in on_gpus.items())}): "
+                         "side by side they would start on the same GPUs and rendezvous port. Run with --jobs 1 "
+                         "(each stage gets every GPU in turn)")
+
+
+def decide(plan: list, chosen: list[bool], rerun: bool) -> list[tuple[str, Path | None]]:
+    """What becomes of each planned stage, decided from its folder and backups before anything moves:
+    ("restore", backup), ("set aside", None) (changed: re-run from scratch), ("run", None), or a
+    message ("done, skipped", "not selected"). `rerun` (--only, --from) re-runs done stages and
+    never restores. A stage consuming a changed stage is changed; one consuming a restored stage
+    is restored from the backup set aside with it, or changed."""
+    decisions, changed, restored = [], set(), {}  # restored: stage -> when its backup had been set aside
+    for (stage, out_dir, params), selected in zip(plan, chosen):
+        name, upstream, done = stage["name"], dependencies(stage), (out_dir / ".done").exists()
+        if not selected:
+            decisions.append(("done, skipped" if done else "not selected", None))
+            continue
+        backup = None if rerun or upstream & changed else \
+            finished_backup(stage, out_dir, params, {restored[d] for d in upstream & set(restored)})
+        if backup is not None:
+            restored[name] = safe_files.backup_stamp(backup)
+            decisions.append(("restore", backup))
+        elif inputs_changed(out_dir, params, on_toy_base(stage, params)) or upstream & (changed | set(restored)):
+            changed.add(name)
+            decisions.append(("set aside" if out_dir.exists() else "run", None))
+        else:
+            decisions.append(("done, skipped" if done and not rerun else "run", None))
+    return decisions
+
+
+def apply(run_name: str, plan: list, decisions: list, when: str, report: bool) -> list:
+    """Carry out `decide`'s decisions (backups dated `when`); returns the stages to run."""
+    todo = []
+    for (stage, out_dir, params), (action, backup) in zip(plan, decisions):
+        said = f"[{run_name}] {stage['name']}"
+        if action == "restore":
+            aside = restore(backup, out_dir, when)
+            print(f"{said}: restored its finished run with these parameters from {backup.name}"
+                  + (f" (the folder it replaces: {aside.name})" if aside else ""))
+        elif action in ("set aside", "run"):
+            if action == "set aside":
+                print(f"{said}: its parameters, inputs or shipped assets changed since it ran; re-running "
+                      f"(old outputs: {safe_files.set_aside(out_dir, when=when)})")
+            todo.append((stage, out_dir, params))
+        elif report:  # a child of --jobs stays quiet about the stages it does not run
+            print(f"{said}: {action}")
+    return todo
 
 
 def gpu_launch_stages(plan: list) -> dict[str, int]:
@@ -496,28 +611,26 @@ def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict,
         raise failure_report(spec, failed, blocked)
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("spec", help="a run spec (YAML), e.g. papermill_runs/toy_quick.yaml")
     parser.add_argument("--only", action="append", help="run only this stage (repeatable); re-runs it if done")
     parser.add_argument("--from", dest="start", help="re-run from this stage on")
     parser.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a shared parameter in every stage that declares it")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=cli.count, default=1,
                         help="run up to this many independent stages at once (each with cores / jobs threads); "
                              "refused for stages that train as accelerate jobs on GPUs")
     parser.add_argument("--outputs", type=Path, default=OUTPUTS, help="where run directories go")
     parser.add_argument("--quiet", dest="report", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        sys.exit(f"error: --jobs {args.jobs}: give 1 or more")
+    overrides = dict(parse_override(o) for o in args.overrides)
     try:
-        run(args.spec, args.only, args.start, dict(parse_override(o) for o in args.overrides), args.outputs,
-            args.jobs, args.report)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RunError as err:
+        run(args.spec, args.only, args.start, overrides, args.outputs, args.jobs, args.report)
+    except UsageError:
+        raise  # cli.entry: one line, exit status 2
+    except RunError as err:  # a stage failed: the message names it, its cell and its log
         sys.exit(f"error: {err}")
 
 

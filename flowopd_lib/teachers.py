@@ -9,26 +9,35 @@ from the base, and the command that trains (and ships) it.
 A recipe is a trainer name (`grpo`, `nft`, `awm`) plus config overrides; the evaluation during
 training uses the recipe's protocol (CFG scale, steps) on held-out test prompts, so the learning
 curve in metrics.csv is the teacher's own metric under the protocol it is shipped with.
+
+Shipping checks everything before it measures or writes (`check_shippable`: a finished run of the
+recipe, with config.yaml and its adapter), builds the teacher beside its folder and swaps it in;
+replacing a shipped teacher takes --force and keeps the old one (REPLACED_TEACHERS, dated).
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import shutil
 from pathlib import Path
 
-import yaml
-
-from . import evaluation
+from . import adapters, cli, evaluation
 from . import train as train_module
-from .trainer import MAY_CHANGE_ON_RESUME, config_changes
+from .config import ConfigError
+from .safe_files import check_writable, read_csv, read_json_object, read_mapping, replace_directory
+from .trainer import MAY_CHANGE_ON_RESUME, config_changes, prepare_run_dir
 
 ASSETS = Path(__file__).parent / "assets" / "teachers"
+# Where `ship --force` keeps the teachers it replaces, as <task>.previous-<date>: outside the package
+# (whose assets every toy stage fingerprints), in the repository's untracked runs/ folder.
+REPLACED_TEACHERS = Path(__file__).resolve().parents[1] / "runs" / "replaced_teachers"
 TEACHER_TRAINERS = ("grpo", "nft", "awm")  # stage-0 trainers of train.TRAINERS
 
 # The evaluation protocol the toy teachers are trained and judged under: the toy world's one protocol.
 PROTOCOL = evaluation.PROTOCOL
+
+# The tasks a student distils (the paper's three; the DeQA teacher is MAR's anchor there).
+DISTILLED = ("geneval", "ocr", "pickscore")
 
 # What a teacher must add to the base on its own metric under PROTOCOL (DeQA is on a 1-5 scale).
 SHIP_BARS = {"geneval": 0.15, "ocr": 0.15, "pickscore": 0.15, "deqa": 0.3}
@@ -60,19 +69,27 @@ def trainer_for(name: str):
     return train_module.trainer_for(name)
 
 
-def recipe_config(task: str, out_dir: str, overrides: dict | None = None):
-    """The task's teacher config (trainer's dataclass) with `overrides` applied."""
+def recipe_settings(task: str) -> tuple[str, dict]:
+    """(trainer name, its config fields) of the task's recipe, without the cold start's settings."""
     if task not in RECIPES:
         raise SystemExit(f"unknown teacher task {task!r}; recipes exist for {sorted(RECIPES)}")
     trainer, values = RECIPES[task]
+    return trainer, {k: v for k, v in values.items() if k != "sft"}  # "sft": the cold start's, not the trainer's
+
+
+def recipe_config(task: str, out_dir: str, overrides: dict | None = None):
+    """The task's teacher config (trainer's dataclass) with `overrides` applied."""
+    trainer, values = recipe_settings(task)
     config_cls, _ = trainer_for(trainer)
-    values = {k: v for k, v in values.items() if k != "sft"}  # the cold start's, not the trainer's
     return config_cls.from_dict({**values, "adapter": task, "out_dir": out_dir, **(overrides or {})})
 
 
 def eval_fn_for(task: str, n_prompts: int = 90, protocol: dict | None = None):
     """The learning-curve evaluation: the teacher's own metric and its standard error (`<task>_se`)
     on held-out prompts under `protocol`, the same prompts and noise at every point (paired)."""
+    if n_prompts < 1:
+        raise ConfigError(f"eval_prompts={n_prompts}: the learning curve needs 1 or more test prompts")
+
     def run(model) -> dict:
         scores = evaluation.sample_scores(model, tasks=(task,), n_prompts=n_prompts, **(protocol or PROTOCOL))
         return evaluation.summarise(scores).iloc[0].to_dict()
@@ -93,7 +110,7 @@ def sft_on_renders(task: str, out_dir: str | Path, steps: int, batch: int = 64, 
     import torch
     from tqdm.auto import tqdm
 
-    from . import adapters, data, flow, models, toy
+    from . import data, flow, models, toy
     from .toy import splits
     from .tracking import Run
 
@@ -147,16 +164,21 @@ def cold_start_settings(task: str, overrides: dict | None = None) -> dict:
     return settings
 
 
-def train(task: str, out_dir: str, overrides: dict | None = None, eval_prompts: int = 90):
+def train(task: str, out_dir: str, overrides: dict | None = None, eval_prompts: int = 90, force: bool = False):
     """Train the task's teacher by its recipe: the optional cold start on renders (the recipe's `sft`,
-    `overrides["sft"]` over it), then the trainer; resumes from out_dir's checkpoints."""
+    `overrides["sft"]` over it), then the trainer; resumes from out_dir's checkpoints. Every setting
+    and out_dir are checked first (`trainer.prepare_run_dir`; `force` moves a run it would replace aside)."""
     overrides = dict(overrides or {})
     sft = cold_start_settings(task, overrides.pop("sft", None))
     if sft:
-        overrides["init_adapter"] = str(sft_on_renders(task, Path(out_dir) / "sft", **sft))
+        overrides["init_adapter"] = str(Path(out_dir) / "sft" / "adapter")  # sft_on_renders makes it
     cfg = recipe_config(task, out_dir, overrides)
+    eval_fn = eval_fn_for(task, eval_prompts)
+    prepare_run_dir(cfg, force, produced=("init_adapter",) if sft else ())
+    if sft:
+        sft_on_renders(task, Path(out_dir) / "sft", **sft)
     _, train_fn = trainer_for(RECIPES[task][0])
-    return train_fn(cfg, eval_fn=eval_fn_for(task, eval_prompts))
+    return train_fn(cfg, eval_fn=eval_fn)
 
 
 # The side-by-side efficiency run: shared settings, then each trainer's own (the ones it is known to
@@ -177,12 +199,12 @@ def efficiency(task: str, samples: int, eval_every_samples: int, out: str | Path
     per trainer and evaluation: samples, metric, se, samples/s) and efficiency.png. Resumable."""
     import pandas as pd
 
-    from . import adapters, models, viz
+    from . import models, viz
 
     out = Path(out)
     per_update = EFFICIENCY_SHARED["prompts_per_update"] * EFFICIENCY_SHARED["group_size"]
     if samples < per_update or eval_every_samples < per_update:
-        raise ValueError(f"samples={samples} and eval_every_samples={eval_every_samples} must each be at least "
+        raise cli.UserError(f"samples={samples} and eval_every_samples={eval_every_samples} must each be at least "
                          f"one update ({per_update} samples)")
     eval_fn = eval_fn_for(task, eval_prompts)
     base = models.load_base("toy")
@@ -215,7 +237,7 @@ def measure(task: str, adapter_dir: str | Path, n_prompts: int = 90, samples_per
     model's metrics with standard errors, and teacher minus base with a paired bootstrap 95% interval.
     Sample j of every prompt starts from the noise of seed + j, so fewer samples per prompt measure
     a subset of what more measure."""
-    from . import adapters, models
+    from . import models
 
     model = models.load_base("toy")
     adapters.load(model, adapter_dir, task)
@@ -235,7 +257,7 @@ def cold_start_changes(task: str, run_dir: Path) -> list[str]:
     keys = cold_start_defaults()
     defaults = {k: v for k, v in keys.items() if v is not inspect.Parameter.empty}
     path = Path(run_dir) / "sft" / "adapter" / "adapter.json"
-    recorded = json.loads(path.read_text()).get("sft_on_renders", {}) if path.exists() else {}
+    recorded = read_json_object(path, "the cold start's metadata").get("sft_on_renders", {}) if path.exists() else {}
     ran = {**defaults, **{k: v for k, v in recorded.items() if k in keys}} if recorded else {}
     recipe = cold_start_settings(task)
     wanted = {**defaults, **recipe} if recipe else {}
@@ -245,49 +267,90 @@ def cold_start_changes(task: str, run_dir: Path) -> list[str]:
 
 def check_run_follows_recipe(task: str, run_dir: Path) -> None:
     """Refuse to ship a run whose config differs from the task's recipe: the shipped command
-    (`teachers train <task>`) must reproduce the teacher, so every change belongs in RECIPES."""
+    (`teachers train <task>`) must reproduce the teacher, so every change belongs in RECIPES. A run
+    without config.yaml (not made by `teachers train`, or cut off before it wrote one) is refused."""
     saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_dir} has no config.yaml: not a run of `python -m flowopd_lib.teachers train {task}` "
+                          f"(or one cut off at its start); train it with that command, then ship it")
     ignored = {"out_dir", "init_adapter", *MAY_CHANGE_ON_RESUME} - {"updates"}
     changed = [c.replace(" -> ", ", recipe ").replace(": ", ": run ", 1)
                for c in config_changes(saved_path, recipe_config(task, str(run_dir)), ignored)]
     changed += cold_start_changes(task, run_dir)
     if changed:
-        raise ValueError(f"{run_dir} was not trained by the {task!r} recipe ({'; '.join(changed)}); "
-                         f"put those values in teachers.RECIPES[{task!r}] so the shipped command reproduces it")
+        raise ConfigError(f"{run_dir} was not trained by the {task!r} recipe ({'; '.join(changed)}); "
+                          f"put those values in teachers.RECIPES[{task!r}] so the shipped command reproduces it")
 
 
-def ship(task: str, run_dir: str | Path, metrics: dict | None = None, destination: Path = ASSETS) -> Path:
-    """Copy a finished run's adapter to assets/teachers/<task>/ with the recipe, protocol and command."""
-    run_dir = Path(run_dir)
+def check_shippable(task: str, run_dir: str | Path, destination: Path | None = None, force: bool = False) -> None:
+    """Everything `ship` needs, checked before anything is measured or written (a UserError, one
+    line): a finished run of the task's recipe (config.yaml, a loadable adapter of all the config's
+    updates, readable records) and, where the task's teacher is already shipped, `force`."""
+    run_dir, target = Path(run_dir), Path(destination or ASSETS) / task
     check_run_follows_recipe(task, run_dir)
-    target = destination / task
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(run_dir / "adapter", target)
-    if (run_dir / "metrics.csv").exists():  # the learning curve travels with the teacher (a few kB)
-        import pandas as pd
+    adapters.check_folder(run_dir / "adapter", f"the adapter of {run_dir}")
+    planned = read_mapping(run_dir / "config.yaml", "a run's config").get("updates")
+    done = adapters.metadata(run_dir / "adapter").get("updates")
+    if done != planned:
+        raise cli.UserError(f"{run_dir} is not finished: its adapter has {done} of {planned} updates; finish it with "
+                            f"`python -m flowopd_lib.teachers train {task} --out {run_dir}`, then ship it")
+    for record, read in (("metrics.csv", read_csv), ("sft/adapter/adapter.json", read_json_object)):
+        if (run_dir / record).exists():
+            read(run_dir / record, f"the run's {record}")
+    check_writable(target)
+    if target.exists() and not force:
+        raise cli.UserError(f"the {task} teacher is already shipped ({target}); pass --force to replace it (the "
+                            f"current one is kept as {REPLACED_TEACHERS / task}.previous-<date>)")
 
-        curve = pd.read_csv(run_dir / "metrics.csv")
+
+def ship(task: str, run_dir: str | Path, metrics: dict | None = None, destination: Path | None = None,
+         force: bool = False) -> Path:
+    """Ship a finished run's adapter to <destination>/<task>/ (default: assets/teachers) with its learning
+    curve, the recipe, protocol, command and `metrics`. Checked first (`check_shippable`), built beside
+    the target and swapped in; a replaced teacher is kept in REPLACED_TEACHERS, dated."""
+    run_dir, destination = Path(run_dir), Path(destination or ASSETS)
+    check_shippable(task, run_dir, destination, force)
+    replaced = replace_directory(destination / task, lambda folder: write_teacher(task, run_dir, metrics, folder),
+                                 REPLACED_TEACHERS)
+    if replaced is not None:
+        print(f"the teacher it replaces is kept in {replaced}")
+    return destination / task
+
+
+def write_teacher(task: str, run_dir: Path, metrics: dict | None, folder: Path) -> None:
+    """The shipped teacher's files in `folder`: the run's adapter, its learning curve (a few kB) and
+    metadata saying how it was made and measured."""
+    shutil.copytree(run_dir / "adapter", folder, dirs_exist_ok=True)
+    if (run_dir / "metrics.csv").exists():
+        curve = read_csv(run_dir / "metrics.csv", "the run's metrics.csv")
         keep = ["step"] + [c for c in curve if c.startswith(("eval/", "reward", "time/"))]
-        curve[keep].to_csv(target / "learning_curve.csv", index=False)
-    info = json.loads((target / "adapter.json").read_text())
+        curve[keep].to_csv(folder / "learning_curve.csv", index=False)
+    info = adapters.metadata(folder)
     cold_start = run_dir / "sft" / "adapter" / "adapter.json"
     if cold_start.exists():  # say plainly that this teacher began from ground-truth renders
-        info["cold_start"] = {"sft_on_renders": json.loads(cold_start.read_text()).get("sft_on_renders"),
+        recorded = read_json_object(cold_start, "the cold start's metadata")
+        info["cold_start"] = {"sft_on_renders": recorded.get("sft_on_renders"),
                               "note": "a toy-world privilege: flow matching on ground-truth renders of the "
                                       "task's training prompts before RL"}
     info.update({"task": task, "trainer": RECIPES[task][0], "protocol": PROTOCOL,
                  "command": f"python -m flowopd_lib.teachers train {task} --out {run_dir}",
                  **({"metrics": metrics} if metrics else {})})
-    (target / "adapter.json").write_text(json.dumps(info, indent=1, default=str))
-    return target
+    (folder / "adapter.json").write_text(json.dumps(info, indent=1, default=str))
 
 
 def shipped(destination: Path = ASSETS) -> dict[str, Path]:
     """task -> directory of each shipped teacher."""
     return {d.name: d for d in sorted(destination.glob("*")) if (d / "adapter.json").exists()}
+
+
+def shipped_directories(tasks: tuple[str, ...] = DISTILLED) -> dict[str, str]:
+    """task -> directory (a string, as notebooks and configs take it) of the shipped teacher of each of
+    `tasks`: the notebooks' default teachers."""
+    available = shipped()
+    missing = [t for t in tasks if t not in available]
+    if missing:
+        raise FileNotFoundError(f"no shipped teacher for {missing} under {ASSETS}; shipped: {sorted(available)}")
+    return {t: str(available[t]) for t in tasks}
 
 
 def table(destination: Path = ASSETS) -> str:
@@ -313,45 +376,46 @@ def table(destination: Path = ASSETS) -> str:
     return "\n".join(lines) if lines else "no teacher shipped yet\n"
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one teacher by its recipe (resumes from out/checkpoints)")
     t.add_argument("task", choices=sorted(RECIPES))
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("-c", "--config", action="append", default=[], metavar="key=value",
                    help="override a config field (value read as YAML)")
-    t.add_argument("--eval-prompts", type=int, default=90)
+    t.add_argument("--eval-prompts", type=cli.count, default=90)
+    t.add_argument("--force", action="store_true", help="train afresh where --out holds a run the recipe would "
+                                                        "replace, not continue (moved to <out>.previous-<date> first)")
     e = sub.add_parser("efficiency", help="Flow-GRPO vs DiffusionNFT vs AWM on one sample budget: curves + figure")
     e.add_argument("task", choices=sorted(RECIPES))
-    e.add_argument("--samples", type=int, default=8192, help="rollout samples per trainer")
-    e.add_argument("--eval-every-samples", type=int, default=2048)
+    e.add_argument("--samples", type=cli.count, default=8192, help="rollout samples per trainer")
+    e.add_argument("--eval-every-samples", type=cli.count, default=2048)
     e.add_argument("--out", required=True)
     e.add_argument("--trainers", nargs="+", default=list(EFFICIENCY_TRAINERS), choices=list(EFFICIENCY_TRAINERS))
-    e.add_argument("--eval-prompts", type=int, default=90)
+    e.add_argument("--eval-prompts", type=cli.count, default=90)
     s = sub.add_parser("ship", help="measure a finished run's adapter against the base on every task and copy "
-                                    "it into assets/teachers/<task> with its metrics")
+                                    "it into assets/teachers/<task> with its metrics (checked first)")
     s.add_argument("task", choices=sorted(RECIPES))
     s.add_argument("--run", required=True)
+    s.add_argument("--force", action="store_true", help="replace the task's shipped teacher (kept in "
+                                                        "runs/replaced_teachers/<task>.previous-<date>)")
     sub.add_parser("table", help="markdown of the shipped teachers' recorded metrics")
     args = parser.parse_args(argv)
     if args.command == "table":
         print(table())
     elif args.command == "train":
-        overrides = {}
-        for item in args.config:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"-c {item!r}: write overrides as key=value, e.g. -c lr=3e-4")
-            overrides[key] = yaml.safe_load(value)
-        train(args.task, args.out, overrides, args.eval_prompts)
+        overrides = dict(cli.key_value(item, "-c") for item in args.config)
+        train(args.task, args.out, overrides, args.eval_prompts, args.force)
     elif args.command == "efficiency":
         print(efficiency(args.task, args.samples, args.eval_every_samples, args.out, tuple(args.trainers),
                          args.eval_prompts).to_string())
     else:
+        check_shippable(args.task, args.run, force=args.force)  # before minutes of measuring
         metrics = measure(args.task, Path(args.run) / "adapter")
         print(json.dumps(metrics, indent=1))
-        print(ship(args.task, args.run, metrics))
+        print(ship(args.task, args.run, metrics, force=args.force))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@
     ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m flowopd_lib.train opd run.yaml  # CPU ranks
 
 The YAML holds the stage's config fields (`GRPOConfig` / `OPDConfig`; see `--help-config`);
-`key=value` pairs override them (values read as YAML). Notebooks call this through
-`launch(...)` when a stage asks for several processes, so the same stage runs in a notebook on a
-laptop and as a distributed job on a node.
+`key=value` pairs override them (values read as YAML). Every input is checked before any compute
+(a mistake is one line, exit status 2; --debug shows the traceback). A run directory continues
+from its checkpoints; one this config would replace instead (a finished run whose checkpoints are
+gone, another config's run) is refused unless `--force` moves it to `<out_dir>.previous-<date>`.
+Notebooks call this through `launch(...)` when a stage asks for several processes, so the same
+stage runs in a notebook on a laptop and as a distributed job on a node.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from . import cli
+from .safe_files import read_mapping
 
 TRAINERS = {"grpo": ("flowopd_lib.grpo", "GRPOConfig", "train_grpo"),
             "nft": ("flowopd_lib.nft", "NFTConfig", "train_nft"),
@@ -36,15 +40,17 @@ def trainer_for(stage: str):
     return getattr(mod, config_name), getattr(mod, train_name)
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("stage", choices=sorted(TRAINERS))
     parser.add_argument("config", nargs="?", help="YAML file of config fields")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--help-config", action="store_true", help="list the stage's config fields and exit")
+    parser.add_argument("--force", action="store_true",
+                        help="train afresh where out_dir holds a run this config would replace, not continue "
+                             "(it is moved to <out_dir>.previous-<date> first)")
     args = parser.parse_args(argv)
-    from .distributed_eval import evaluator
-
     config_cls, train = trainer_for(args.stage)
     if args.help_config:
         print(config_cls.help())
@@ -54,10 +60,17 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{args.config!r} is neither a config file (no such file) nor a key=value override")
         args.overrides.insert(0, args.config)  # `train grpo updates=5`: overrides without a YAML file
         args.config = None
-    values = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
-    for item in args.overrides:
-        values.update([parse_override(parser, item)])
+    values = read_mapping(args.config, f"a {config_cls.__name__} file") if args.config else {}
+    values.update(parse_override(parser, item) for item in args.overrides)
     cfg = config_cls.from_dict(values)  # unknown keys: ConfigError naming the closest field
+    if args.force and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise cli.UserError(f"--force with {os.environ['WORLD_SIZE']} processes: each would move {cfg.out_dir}; "
+                            "move it aside before launching, or run without --force")
+    from .distributed_eval import evaluator
+    from .trainer import prepare_run_dir
+
+    prepare_run_dir(cfg, args.force)  # input files and out_dir, before any compute
+
     # evaluation (every eval_every updates and at the end) sharded over this job's processes
     train(cfg, eval_fn=evaluator(cfg))
 
@@ -65,11 +78,10 @@ def main(argv: list[str] | None = None) -> None:
 def parse_override(parser: argparse.ArgumentParser, item: str) -> tuple[str, object]:
     """`key=value` -> (key, value read as YAML); anything else exits naming it (`lr` alone would
     otherwise read as lr=None)."""
-    key, equals, value = item.partition("=")
-    if not equals or not key.strip():
-        parser.error(f"override {item!r} is not key=value: write e.g. {key.strip() or 'lr'}=VALUE "
-                     "(the value is read as YAML, e.g. lr=3e-4 or rewards={geneval: 1.0})")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return cli.key_value(item, "override")
+    except cli.UserError as error:
+        parser.error(str(error))
 
 
 CPU_RANKS_ENV = {"ACCELERATE_USE_CPU": "true"}  # makes each rank's Accelerator join the gloo world
@@ -104,7 +116,7 @@ def launch_command(target: list[str], num_processes: int = 1,
 def cpu_processes(accelerate_config: str | None) -> bool:
     """Whether the processes run on the CPU: the accelerate config says so, or there is no GPU."""
     if accelerate_config is not None:
-        values = yaml.safe_load(Path(accelerate_config).read_text()) or {}
+        values = read_mapping(accelerate_config, "an accelerate config")
         return bool(values.get("use_cpu")) or values.get("distributed_type") == "MULTI_CPU"
     import torch
 

@@ -13,7 +13,10 @@ AdamW, an EMA of the adapter (what is evaluated and saved), checkpoints that res
 
 Resuming: a run directory resumes only with the config its checkpoints were trained with (the
 budget, evaluation and checkpoint cadence may change: MAY_CHANGE_ON_RESUME; anything else is a
-ResumeError listing old -> new); a corrupt newest checkpoint falls back to the previous one.
+ResumeError listing old -> new); a corrupt newest checkpoint falls back to the previous one. A run
+directory without checkpoints that holds a finished run (its adapter) or another config's run is
+refused too: training would replace it (`check_run_dir`; the commands' --force moves it to a dated
+backup first, `prepare_run_dir`, which also checks the config's input files before any compute).
 
 Non-finite values: rewards (grpo.py), labels, loss terms and gradients are checked before every
 optimizer step; a NaN or inf raises NonFiniteError (naming it, its prompt and the update) on every
@@ -41,11 +44,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import adapters, checkpoint, data, precision, rollout
+from . import adapters, checkpoint, data, precision, rewards, rollout, safe_files
 from .config import Config, ConfigError, param
 from .distributed import Collectives
 from .distributed_eval import EvalConfig
 from .models.base import FlowModel
+from .safe_files import read_mapping
 from .tasks import TASKS
 from .tracking import Run
 
@@ -72,12 +76,49 @@ MAY_CHANGE_ON_RESUME = ("updates", "time_budget_minutes", "eval_every", "checkpo
 def config_changes(saved_path: Path, cfg, ignored=()) -> list[str]:
     """`field: old -> new` for each field of the config saved at `saved_path` (a run's config.yaml)
     that differs from `cfg`, fields in `ignored` aside."""
-    saved = yaml.safe_load(Path(saved_path).read_text()) or {}
+    saved = read_mapping(saved_path, "a run's config")
     current = yaml.safe_load(cfg.to_yaml())
     missing = object()
     return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
             for k in dict.fromkeys([*current, *saved])
             if k not in ignored and saved.get(k, missing) != current.get(k, missing)]
+
+
+def check_run_dir(cfg) -> None:
+    """Refuse a run directory that training with `cfg` would not continue but replace (ResumeError,
+    one line naming the fix): checkpoints of another config (only MAY_CHANGE_ON_RESUME may differ),
+    or, without a checkpoint to resume from, a finished run (its adapter) or a run of another config."""
+    out = Path(cfg.out_dir)
+    saved = out / "config.yaml"
+    changed = config_changes(saved, cfg, MAY_CHANGE_ON_RESUME) if saved.exists() else []
+    has_checkpoints = any((out / "checkpoints").glob("step_*"))
+    fresh = (f"start fresh: another out_dir, or delete {out} (or --force on the command line: it moves "
+             f"{out} to {out.name}{safe_files.BACKUP}<date> beside it)")
+    if has_checkpoints and changed:
+        raise ResumeError(f"cannot resume {out}: its checkpoints were trained with another config ({saved}); "
+                          f"these fields differ (old -> new): {'; '.join(changed)}. Only "
+                          f"{', '.join(MAY_CHANGE_ON_RESUME)} may change on resume. Use the old values to continue, "
+                          f"or {fresh}")
+    finished = (out / "adapter" / adapters.WEIGHT_NAME).exists()
+    if not has_checkpoints and (finished or changed):
+        held = "a finished run (adapter/)" if finished else f"a run of another config ({'; '.join(changed)})"
+        raise ResumeError(f"{out} holds {held} and no checkpoint to resume from: training would replace it; {fresh}")
+
+
+def prepare_run_dir(cfg, force: bool = False, produced: tuple[str, ...] = ()) -> Path | None:
+    """What a command checks before any compute: `cfg`'s input files (`check_inputs`; `produced`:
+    fields whose files the command makes first) and its run directory (`check_run_dir`). With
+    `force`, a refused run directory is moved to a dated backup beside it (returned) instead."""
+    cfg.check_inputs(produced)
+    try:
+        check_run_dir(cfg)
+    except ResumeError:
+        if not force:
+            raise
+        backup = safe_files.set_aside(cfg.out_dir)
+        print(f"--force: moved {cfg.out_dir} to {backup}; training afresh")
+        return backup
+    return None
 
 
 PromptSource = Callable[[str, int, int], list]  # (task, n, seed) -> prompts of that task
@@ -145,6 +186,47 @@ class OnPolicyConfig(EvalConfig):
             raise ConfigError(f"datasets={self.datasets}: give each task a ratio > 0")
         if self.trained_steps < 1:
             raise ConfigError(f"train_fraction={self.train_fraction} trains no step of {self.sde_steps}")
+        unknown = {task: name for task, name in self.task_rewards.items() if name not in rewards.available()}
+        if unknown or set(self.task_rewards) - set(TASKS):
+            raise ConfigError(f"{type(self).__name__}.task_rewards={self.task_rewards}: give each task (of "
+                              f"{list(TASKS)}) a registered reward; " + (f"unknown: {unknown}; " if unknown else "")
+                              + f"rewards are {rewards.available()}")
+
+    def input_adapters(self) -> dict[str, str]:
+        """field -> adapter folder this config loads (subclasses add theirs)."""
+        return {"init_adapter": self.init_adapter} if self.init_adapter else {}
+
+    def prompt_files(self) -> dict[str, Path]:
+        """What -> prompt file this config reads from disk outside the shipped toy files: the
+        trained tasks' train files and the evaluated tasks' test files under prompt_root, and
+        eval_prompt_files."""
+        files = {f"eval_prompt_files[{task!r}]": Path(f) for task, f in self.eval_prompt_files.items()}
+        if self.prompt_root is None:
+            return files
+        root = Path(self.prompt_root)
+        files.update({f"{task} train prompts": data.prompt_file(task, "train", root) for task in self.datasets})
+        evaluated = [t for t in self.evaluated_tasks(tuple(self.datasets)) if t not in self.eval_prompt_files]
+        files.update({f"{task} test prompts": data.prompt_file(task, "test", root) for task in evaluated})
+        return files
+
+    def check_prompt_files(self) -> None:
+        """Refuse, before any compute, a prompt_root or prompt file that is not there."""
+        name = type(self).__name__
+        if self.prompt_root is not None and not Path(self.prompt_root).is_dir():
+            raise ConfigError(f"{name}.prompt_root={self.prompt_root!r}: no such folder; point it at a Flow-GRPO "
+                              "dataset/ folder (data.py lists its files), or leave it None for the toy world's prompts")
+        missing = {what: str(path) for what, path in self.prompt_files().items() if not path.is_file()}
+        if missing:
+            raise ConfigError(f"{name}: no prompt file {missing} (prompt_root={self.prompt_root!r}); add the files "
+                              "or leave the tasks out of datasets and eval_tasks")
+
+    def check_inputs(self, produced: tuple[str, ...] = ()) -> None:
+        """Refuse, before any compute, inputs that are not on disk: prompt files and adapter folders
+        (`produced`: fields whose folders the command makes before training)."""
+        self.check_prompt_files()
+        for field, directory in self.input_adapters().items():
+            if field.split("[")[0] not in produced:
+                adapters.check_folder(directory, f"{type(self).__name__}.{field}")
 
     @property
     def trained_steps(self) -> int:
@@ -225,6 +307,8 @@ class OnPolicyTrainer:
         from accelerate import Accelerator
         from diffusers.training_utils import EMAModel
 
+        if prompt_source is None:
+            cfg.check_prompt_files()  # before the first rollout asks for them
         self.cfg, self.eval_fn = cfg, eval_fn
         self.prompt_source = prompt_source or (lambda task, n, seed: data.prompts(task, n, "train", seed, cfg.prompt_root))
         self.acc = accelerator or Accelerator()
@@ -552,25 +636,11 @@ class OnPolicyTrainer:
         out.mkdir(parents=True, exist_ok=True)
         (out / "estimate.json").write_text(json.dumps(asdict(result), indent=1))
 
-    def check_resumable(self) -> None:
-        """Refuse to resume checkpoints trained with another config (config.yaml, written by the run
-        that saved them): the optimizer would go on with the old settings while config.yaml claimed
-        the new ones. Only the fields in MAY_CHANGE_ON_RESUME may differ."""
-        saved_path = Path(self.cfg.out_dir) / "config.yaml"
-        if not saved_path.exists() or not any(self.ckpt_dir.glob("step_*")):
-            return
-        changed = [f"  {line}" for line in config_changes(saved_path, self.cfg, MAY_CHANGE_ON_RESUME)]
-        if changed:
-            raise ResumeError(
-                f"cannot resume {self.cfg.out_dir}: its checkpoints were trained with another config "
-                f"({saved_path}); these fields differ (old -> new):\n" + "\n".join(changed) +
-                f"\nOnly {', '.join(MAY_CHANGE_ON_RESUME)} may change on resume. Use the old values to "
-                f"continue, or start fresh: delete {self.cfg.out_dir} or set out_dir to another directory.")
-
     def resume(self) -> None:
         """Continue from the newest complete checkpoint, if any (a corrupt newest one is skipped
-        with a warning naming it; checkpoints that all fail to load are a CheckpointError)."""
-        self.check_resumable()
+        with a warning naming it; checkpoints that all fail to load are a CheckpointError). A run
+        directory it would replace rather than continue is refused first (`check_run_dir`)."""
+        check_run_dir(self.cfg)
         found = checkpoint.load_latest(self.ckpt_dir, restore_rng=False, required=("adapter", "optimizer", "update"),
                                        map_location=self.acc.device)  # this process's device, not the saver's
         self.acc.wait_for_everyone()  # every process has read config.yaml before the main one rewrites it

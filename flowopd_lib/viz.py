@@ -31,19 +31,36 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 
 
 def plot_curves(metrics: pd.DataFrame, columns: list[str], title: str = "", path=None, logy: bool = False):
-    """One line per column against `step` (rows where the column is missing are skipped)."""
+    """One line per column against `step` (rows where the column is missing are skipped), with ± one
+    standard error where a `<column>_se` column exists. A column with one point (an evaluation at the
+    end only) is a labelled marker, and the title says so, rather than a dot on an empty axis."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
+    lengths = []
     for col in columns:
-        if col in metrics:
-            rows = metrics[["step", col]].dropna()
-            ax.plot(rows["step"], rows[col], label=col, marker="." if len(rows) < 30 else None)
+        if col not in metrics:
+            continue
+        se = f"{col}_se" if f"{col}_se" in metrics else None
+        rows = metrics[["step", col] + ([se] if se else [])].dropna(subset=[col])
+        lengths.append(len(rows))
+        marker = "o" if len(rows) < 30 else None
+        if se:
+            ax.errorbar(rows["step"], rows[col], yerr=rows[se].fillna(0), label=col, marker=marker, capsize=3)
+        else:
+            ax.plot(rows["step"], rows[col], label=col, marker=marker)
+        if len(rows) == 1:
+            step, value = rows["step"].iloc[0], rows[col].iloc[0]
+            ax.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(8, 4), fontsize=8)
+    if lengths and max(lengths) == 1:
+        ax.margins(x=0.5)
+        title = f"{title} (one evaluation, at step {int(metrics['step'].max())})" if title else "one evaluation"
     ax.set_xlabel("step")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     if logy:
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if lengths:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
@@ -135,3 +152,29 @@ def bars(table: pd.DataFrame, title: str, path=None, columns=("geneval", "ocr", 
     if path is not None:
         ax.figure.savefig(path, dpi=120)
     return ax
+
+
+def changes_figure(changes: pd.DataFrame, title: str = "", path=None, reference: str = "base"):
+    """One panel per metric: each model's paired change from `reference` with its 95% interval
+    (`evaluation.changes`), a dashed line at 0; filled markers where the interval excludes 0."""
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(changes.index.get_level_values("metric")))
+    models = changes.index.get_level_values("model").nunique()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 1.6 + 0.45 * models), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rows = changes.xs(metric, level="metric")
+        y = range(len(rows))
+        for i, (model, r) in enumerate(rows.iterrows()):
+            measured = r["verdict"] != "no difference"
+            ax.errorbar(r["diff"], i, xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], fmt="o", capsize=3,
+                        color="C0" if measured else "0.5", markerfacecolor="C0" if measured else "white")
+        ax.axvline(0, color="0.3", linestyle="--", linewidth=0.8)
+        ax.set_yticks(list(y), rows.index if ax is axes[0][0] else [""] * len(rows), fontsize=8)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_title(f"{metric} - {reference}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

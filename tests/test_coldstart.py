@@ -64,7 +64,7 @@ def test_svd_at_full_rank_recovers_the_delta_average_and_peft_merges_run():
 def test_sft_fits_a_fresh_adapter_on_teacher_samples(tmp_path):
     model = with_teachers()
     teacher_dir = adapters.save(model, "t0", tmp_path / "t0")
-    cfg = SFTConfig(teachers={"geneval": str(teacher_dir)}, datasets={"geneval": 8}, sample_steps=2, steps=30,
+    cfg = SFTConfig(teachers={"geneval": str(teacher_dir)}, datasets={"geneval": 8}, sample_steps=2, cfg_scale=3.0, steps=30,
                     batch=8, lr=1e-2, out_dir=str(tmp_path / "sft"))
     fresh = tiny_model()
     texts, x0 = coldstart.teacher_samples(_loaded(fresh, teacher_dir), cfg)

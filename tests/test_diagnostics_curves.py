@@ -4,6 +4,8 @@ import pytest
 
 from flowopd_lib import viz
 from flowopd_lib.diagnostics import curves
+from flowopd_lib.safe_files import FileError
+from guards import refused
 
 
 def write_run(directory, steps, kl):
@@ -36,15 +38,29 @@ def test_cli_plots_chains_and_single_runs_side_by_side(tmp_path, capsys):
     curves.main([f"{first}+{second}", str(other), "--columns", "kl_ref", "--every", "2", "--out", str(tmp_path / "f.png")])
     printed = capsys.readouterr().out
     assert "\nb\n" in printed and "\nc\n" in printed and (tmp_path / "f.png").exists()
-    with pytest.raises(SystemExit, match="same name"):
-        curves.main([str(other), f"{first}+{other}", "--columns", "kl_ref"])
-    with pytest.raises(SystemExit, match=r"no run has column\(s\) \['kl_rf'\]; they have \['eval/geneval', 'kl_ref', 'step'\]"):
-        curves.main([str(other), "--columns", "kl_rf"])
+    assert "same name" in refused(capsys, curves.main, [str(other), f"{first}+{other}", "--columns", "kl_ref"])
+    said = refused(capsys, curves.main, [str(other), "--columns", "kl_rf"])
+    assert "no run has column(s) ['kl_rf']; they have ['eval/geneval', 'kl_ref', 'step']" in said
 
 
 def test_missing_runs_and_columns_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="training run's output folder"):
+    with pytest.raises(FileError, match="training run's output folder"):
         curves.chained_metrics([tmp_path])
     metrics = curves.chained_metrics([write_run(tmp_path / "a", [1, 2], [0.1, 0.2])])
     with pytest.raises(KeyError, match=r"no column \['eval/ocr'\].*there are \['eval/geneval', 'kl_ref', 'step'\]"):
         curves.every(metrics, ["eval/ocr"], 10)
+
+
+def test_every_and_out_are_checked_before_anything_is_read_or_drawn(tmp_path, capsys):
+    """Issue 35 #11: `--every 0` or negative was accepted; `--out` into a missing folder was a raw
+    matplotlib traceback after the tables were printed."""
+    run = write_run(tmp_path / "a", [1, 2], [0.1, 0.2])
+    for every in ("0", "-3"):
+        said = refused(capsys, curves.main, [str(run), "--columns", "kl_ref", "--every", every])
+        assert f"--every: {every}" in said
+    said = refused(capsys, curves.main, [str(run), "--columns", "kl_ref", "--out", str(tmp_path / "missing" / "f.png")])
+    assert str(tmp_path / "missing") in said and not (tmp_path / "missing").exists()
+    said = refused(capsys, curves.main, [str(run), "--columns", "kl_ref", "--out", str(tmp_path / "f.pnk")])
+    assert ".pnk" in said and "png" in said
+    said = refused(capsys, curves.main, [str(tmp_path / "nowhere"), "--columns", "kl_ref"])
+    assert "nowhere" in said

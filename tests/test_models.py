@@ -179,3 +179,12 @@ def test_continued_pretraining_adds_glyph_places_to_a_model_without_them(tmp_pat
     continued = pretrain(cfg, resume=False)
     assert load_base(str(tmp_path / "more" / "model")).glyph_places is not None
     assert continued.glyph_places is not None
+
+
+def test_building_glyph_places_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    ToyFlowModel("tiny", glyph_places=False)
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    ToyFlowModel("tiny")
+    assert torch.equal(torch.rand(3), after_plain)

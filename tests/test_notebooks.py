@@ -12,7 +12,7 @@ import torch
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from flowopd_lib import adapters, notebook, runs, train
+from flowopd_lib import adapters, evaluation, notebook, runs, teachers, train
 from flowopd_lib.models.toy import ToyFlowModel
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -20,10 +20,9 @@ TINY_BASE = "<tiny random base>"  # replaced by a tiny random ToyFlowModel saved
 TINY_TEACHERS = "<tiny random teachers>"  # replaced by random adapters on that base, one per task
 
 TINY = {
-    "00_quickstart.ipynb": dict(base=TINY_BASE, teacher_minutes=0.01, opd_minutes=0.01, prompts_per_update=2,
-                                group_size=2, eval_prompts=4, eval_steps=2),
-    "01_base_model.ipynb": dict(size="tiny", ae_steps=10, steps=10, batch=8, time_budget_minutes=None, eval_every=5,
-                                eval_prompts=6, eval_steps=2),
+    "00_quickstart.ipynb": dict(base=TINY_BASE, teachers=TINY_TEACHERS, opd_updates=1, eval_prompts=4, eval_samples=1),
+    "01_base_model.ipynb": dict(retrain=True, size="tiny", ae_steps=10, steps=10, batch=8, time_budget_minutes=None,
+                                eval_every=5, eval_prompts=4, eval_steps=2, headroom_samples=2),
     "03_cold_start.ipynb": dict(base=TINY_BASE, teachers=TINY_TEACHERS, merge_methods=["delta", "factor", "ties"],
                                 sft_prompts_per_task=2, sft_steps=2, sft_batch=2, eval_prompts=6, eval_steps=2),
     "04_flow_opd.ipynb": dict(base=TINY_BASE, teachers=TINY_TEACHERS, init_adapter=None, datasets={"geneval": 1.0, "ocr": 1.0},
@@ -35,10 +34,9 @@ TINY = {
                                estimators={"kl": "<teacher:geneval>"}, eval_prompts=4, eval_steps=2,
                                claims={"base": "base", "teachers": {"geneval": "teacher geneval", "ocr": "teacher ocr"},
                                        "seesaw": {"start": "base", "geneval": "+geneval"}}),
-    "02_teacher_grpo.ipynb": dict(trainer="nft", lr=None, beta=None, extra={"train_timesteps": 2},  # grpo: test_runs
-                                  base=TINY_BASE, rewards={"geneval": 1.0}, datasets={"geneval": 1.0}, updates=2,
-                                  time_budget_minutes=None, prompts_per_update=2, group_size=2, sde_steps=2,
-                                  eval_every=1, eval_prompts=6, eval_steps=2),
+    "02_teacher_grpo.ipynb": dict(recipe="pickscore", extra={"train_timesteps": 2}, base=TINY_BASE, updates=2,  # grpo: test_runs
+                                  prompts_per_update=2, group_size=2, sde_steps=2, eval_every=1, eval_prompts=6,
+                                  eval_steps=2),
     "06_trajectory_explorer.ipynb": dict(base=TINY_BASE, teachers={"geneval": "<teacher:geneval>", "ocr": "<teacher:ocr>"},
                                          student=None, others={"merge": "<teacher:pickscore>"}, steps=3, group_size=2),
 }
@@ -79,6 +77,24 @@ def test_notebook_runs_under_papermill(name, tmp_path, monkeypatch):
                            for k, v in value.items()}
     notebook.execute(NOTEBOOKS / name, tmp_path / name, params, cwd=tmp_path)
     assert any((tmp_path / "out").glob("*.png")), "the notebook saves its figures next to its outputs"
+    assert not warning_boxes(tmp_path / name)
+
+
+def warning_boxes(executed: Path) -> list[str]:
+    """The stderr outputs of an executed notebook that are warnings (JupyterLab draws them as red boxes);
+    progress bars are stderr too, and are not warnings."""
+    cells = json.loads(executed.read_text())["cells"]
+    texts = ["".join(o.get("text", "")) for c in cells for o in c.get("outputs", []) if o.get("name") == "stderr"]
+    return [t for t in texts if "warn" in t.lower() or "torchvision" in t]
+
+
+def test_warning_boxes_are_found(tmp_path):
+    """The check above can fail: a notebook with transformers' torchvision notice on stderr is caught."""
+    notice = "[transformers] `CLIPImageProcessor` requires torchvision (not installed); falling back"
+    nb = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "stream", "name": "stderr", "text": notice},
+                                                      {"output_type": "stream", "name": "stderr", "text": "50%|##  |"}]}]}
+    (tmp_path / "x.ipynb").write_text(json.dumps(nb))
+    assert warning_boxes(tmp_path / "x.ipynb") == [notice]
 
 
 # ----------------------------------------------------------------------------- one source for each setting
@@ -87,7 +103,8 @@ def test_notebook_runs_under_papermill(name, tmp_path, monkeypatch):
 # fields: the notebook's product and inputs (set explicitly). Every other config field it declares
 # defaults to None there, which stands for the dataclass default.
 CONFIG_NOTEBOOKS = {"02_teacher_grpo.ipynb": ("grpo", "nft", "awm"), "04_flow_opd.ipynb": ("opd",)}
-NOTEBOOK_LEVEL = {"02_teacher_grpo.ipynb": {"base", "adapter", "out_dir"},
+# Notebook 02's `updates` is its short run's budget (the recipe's full one: teachers.RECIPES).
+NOTEBOOK_LEVEL = {"02_teacher_grpo.ipynb": {"base", "adapter", "out_dir", "updates"},
                   "04_flow_opd.ipynb": {"base", "teachers", "init_adapter", "out_dir"}}
 # Values a config accepts for fields whose type gives none (valid names, tasks with a teacher).
 PROBES = {"datasets": {"ocr": 2.0}, "rewards": {"ocr": 2.0}, "teachers": {"ocr": "probe/teacher_ocr"},
@@ -151,7 +168,7 @@ def test_each_declared_setting_reaches_the_trainer_config_through_the_runner(nam
     extras = {"extra": {"checkpoint_every": 7, "weight_decay": 0.5}}
     if "trainer" in declared:
         other = next(t for t in CONFIG_NOTEBOOKS[name] if t != trainer)
-        extras.update(trainer=trainer, trainer_extra={trainer: {"grad_clip": 0.5, "weight_decay": 0.25},
+        extras.update(trainer=trainer, recipe=None, trainer_extra={trainer: {"grad_clip": 0.5, "weight_decay": 0.25},
                                                       other: {"grad_clip": 0.125}})
     assert not set(settings) & {"checkpoint_every", "weight_decay", "grad_clip"}  # each probe reaches alone
     cfg, params = notebook_config(name, {**overrides, **extras}, tmp_path)
@@ -160,7 +177,7 @@ def test_each_declared_setting_reaches_the_trainer_config_through_the_runner(nam
                 "out_dir": params["out_dir"]}
     reached = {key: getattr(cfg, key) for key in expected}
     assert reached == expected, {k: (reached[k], v) for k, v in expected.items() if reached[k] != v}
-    more = {"trainer": trainer, "trainer_extra": {trainer: {"lr": 0.125}}} if "trainer" in declared else {}
+    more = {"trainer": trainer, "recipe": None, "trainer_extra": {trainer: {"lr": 0.125}}} if "trainer" in declared else {}
     cfg, _ = notebook_config(name, {"lr": 0.25, "extra": {"lr": 0.0625}, **more}, tmp_path)
     assert cfg.lr == (0.125 if more else 0.0625)  # the explicit mappings win over a flat setting
 
@@ -170,7 +187,7 @@ def test_a_notebook_left_at_its_defaults_trains_with_the_config_defaults(name, t
     """One default per setting: the dataclass's. Beyond its own product and inputs (NOTEBOOK_LEVEL),
     a notebook run with nothing set trains with the trainer config's defaults."""
     config_cls, _ = train.trainer_for(trainer)
-    cfg, _ = notebook_config(name, {"trainer": trainer} if name.startswith("02") else {}, tmp_path)
+    cfg, _ = notebook_config(name, {"trainer": trainer, "recipe": None} if name.startswith("02") else {}, tmp_path)
     defaults = config_cls(**{key: getattr(cfg, key) for key in NOTEBOOK_LEVEL[name]})
     differ = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
               if getattr(cfg, f.name) != getattr(defaults, f.name)}
@@ -179,6 +196,16 @@ def test_a_notebook_left_at_its_defaults_trains_with_the_config_defaults(name, t
     literal = {k: v["default"] for k, v in papermill.inspect_notebook(str(NOTEBOOKS / name)).items()
                if k in settings and v["default"] != "None"}
     assert not literal, f"{name}: declare these trainer settings as None (the config's default), not {literal}"
+
+
+def test_notebook_02_at_its_defaults_is_a_short_run_of_the_pickscore_recipe(tmp_path):
+    """Its trainer and settings are the shipped PickScore teacher's (teachers.RECIPES), under the teachers'
+    protocol; only the budget is the notebook's own. A trainer other than the recipe's is refused."""
+    cfg, params = notebook_config("02_teacher_grpo.ipynb", {}, tmp_path)
+    recipe = teachers.recipe_config("pickscore", params["out_dir"], {"updates": 20})
+    assert cfg.to_dict() == recipe.to_dict() and cfg.eval_cfg == evaluation.PROTOCOL["cfg_scale"]
+    with pytest.raises(ValueError, match="recipe='pickscore' is a nft recipe"):
+        notebook_config("02_teacher_grpo.ipynb", {"trainer": "grpo"}, tmp_path)
 
 
 def test_none_as_the_default_loses_no_value():

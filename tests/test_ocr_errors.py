@@ -42,3 +42,14 @@ def test_autoencoder_ceiling_reads_the_renders_back():
 
     prompts = data.prompts("ocr", 6, "test", 0)
     assert ocr_errors.autoencoder_ceiling(models.load_base("toy"), prompts) == 1.0
+
+
+def test_zero_prompts_or_samples_are_refused_before_any_sampling(tmp_path, monkeypatch, capsys):
+    """Issue 35 #8: `ocr_errors --prompts 0` loaded the model and sampled, then died in torch.cat."""
+    from flowopd_lib import models
+    from guards import refused
+
+    monkeypatch.setattr(models, "load_base", lambda *args: pytest.fail("the model was loaded"))
+    for bad in (["--prompts", "0"], ["--samples", "0"], ["--prompts", "-2"]):
+        assert f"{bad[0]}: {bad[1]}" in refused(capsys, ocr_errors.main, bad)
+    assert "no_adapter" in refused(capsys, ocr_errors.main, ["--adapter", str(tmp_path / "no_adapter")])

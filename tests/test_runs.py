@@ -13,8 +13,9 @@ import yaml
 from flowopd_lib import dryrun, runs
 from flowopd_lib.models.toy import ToyFlowModel
 from flowopd_lib.trainer import OnPolicyConfig
+from guards import refused, tree
 
-TINY_TEACHER = dict(rewards={"geneval": 1.0}, datasets={"geneval": 1.0}, updates=1, time_budget_minutes=None,
+TINY_TEACHER = dict(recipe=None, rewards={"geneval": 1.0}, datasets={"geneval": 1.0}, updates=1, time_budget_minutes=None,
                     prompts_per_update=2, group_size=2, sde_steps=2, eval_every=1, eval_prompts=4, eval_steps=2)
 
 
@@ -66,8 +67,10 @@ def test_stages_run_in_order_consume_earlier_outputs_and_skip_when_done(spec, tm
     assert "teacher_geneval: done, skipped" in printed
     assert printed.count("changed since it ran; re-running") == 2 and "coldstart: running" in printed
     assert yaml.safe_load((run_dir / "teacher_ocr" / "parameters.yaml").read_text())["sde_steps"] == 3
-    assert yaml.safe_load((run_dir / "teacher_ocr.previous" / "parameters.yaml").read_text())["sde_steps"] == 2
-    assert (run_dir / "coldstart" / ".done").exists() and (run_dir / "coldstart.previous" / ".done").exists()
+    [previous] = run_dir.glob("teacher_ocr.previous-*")  # set aside, dated, with its consumer
+    assert yaml.safe_load((previous / "parameters.yaml").read_text())["sde_steps"] == 2
+    [consumer] = run_dir.glob("coldstart.previous-*")
+    assert (run_dir / "coldstart" / ".done").exists() and (consumer / ".done").exists()
 
 
 def test_a_stage_that_ran_on_other_shipped_assets_counts_as_changed(tmp_path, monkeypatch):
@@ -222,7 +225,7 @@ def test_shipped_teachers_are_inputs_of_the_stages_that_name_them(shipped, tmp_p
     printed = capsys.readouterr().out
     assert "opd_ocr: done, skipped" in printed
     assert printed.count("changed since it ran; re-running") == 2  # opd_geneval and its consumer
-    assert (run_dir / "opd_geneval.previous").exists() and (run_dir / "summary.previous").exists()
+    assert list(run_dir.glob("opd_geneval.previous-*")) and list(run_dir.glob("summary.previous-*"))
     runs.run(path, outputs=out)
     assert capsys.readouterr().out.count("done, skipped") == 3
     # a teacher not shipped yet stops the run before any stage starts, saying how to make it
@@ -231,7 +234,7 @@ def test_shipped_teachers_are_inputs_of_the_stages_that_name_them(shipped, tmp_p
     with pytest.raises(runs.RunError, match=r"opd_ocr.*\['pickscore'\], not shipped yet.*"
                                             r"flowopd_lib.teachers train pickscore"):
         runs.run(path, outputs=out)
-    assert not (run_dir / "opd_ocr.previous").exists()
+    assert not list(run_dir.glob("opd_ocr.previous-*"))
     runs.run(path, outputs=out, only=["summary"])  # unless the stages that name it are not selected
 
 
@@ -284,7 +287,7 @@ def test_shared_trainer_settings_reach_every_training_stage(path):
             assert not missing, f"{stage['name']}: {stage['notebook']} does not declare shared {sorted(missing)}"
 
 
-def test_unknown_shared_and_override_keys_name_the_closest_declared_one(tmp_path):
+def test_unknown_shared_and_override_keys_name_the_closest_declared_one(tmp_path, capsys):
     """A key no stage's notebook declares would reach no stage: a misspelt budget would run in full."""
     spec = runs.load_spec(runs.ROOT / "papermill_runs/toy_quick.yaml")
     with pytest.raises(runs.RunError, match=r"^-p: no stage's notebook declares 'time_budget_minuts' "
@@ -301,9 +304,9 @@ def test_unknown_shared_and_override_keys_name_the_closest_declared_one(tmp_path
     # a key that only some stages declare is valid: it goes to those stages alone
     plan = {stage["name"]: params for stage, _, params in runs.plan_stages(spec, tmp_path, {"sft_steps": 3})}
     assert plan["coldstart"]["sft_steps"] == 3 and "sft_steps" not in plan["opd_merge"]
-    with pytest.raises(SystemExit, match="time_budget_minutes"):  # the command line says it before running
-        runs.main([str(runs.ROOT / "papermill_runs/toy_quick.yaml"), "-p", "time_budget_minuts=0.1",
-                   "--outputs", str(tmp_path / "outputs")])
+    said = refused(capsys, runs.main, [str(runs.ROOT / "papermill_runs/toy_quick.yaml"), "-p",  # before running
+                                       "time_budget_minuts=0.1", "--outputs", str(tmp_path / "outputs")])
+    assert "time_budget_minutes" in said
     assert not (tmp_path / "outputs").exists()
 
 
@@ -530,3 +533,78 @@ def test_sd35m_summary_tabulates_every_model_the_run_trains(tmp_path):
     rows = {label for table in ("main", "seesaw", "mar") for label in summary[table]}
     claims.check_roles(summary["claims"])
     assert set(claims.role_labels(summary["claims"])) <= rows
+
+
+def fake_stages(monkeypatch) -> list[dict]:
+    """papermill replaced by a stand-in that 'trains' in no time: it writes adapter.txt, or fails like a
+    notebook cell when a stage's lr is not a number. Returns the parameters of every stage it ran."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    executed = []
+
+    def execute(notebook, output, parameters, **kwargs):
+        executed.append(parameters)
+        if not isinstance(parameters.get("lr", 0.0), float):
+            raise PapermillExecutionError(3, 3, "train(cfg)", "ConfigError", f"lr={parameters['lr']!r} is not a float", [])
+        (Path(parameters["out_dir"]) / "adapter.txt").write_text(f"trained with {parameters}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    return executed
+
+
+def test_a_failed_retry_keeps_the_finished_stage_and_its_parameters_bring_it_back(tmp_path, monkeypatch, capsys):
+    """Issue 35 #5: the runner kept one `<stage>.previous`: a finished stage re-run with a typo (failing
+    in seconds), then with its original parameters, had been deleted and was retrained from scratch.
+    Every set-aside folder is now a dated backup, and a stage whose finished backup ran with exactly
+    today's parameters and inputs is restored, with the consumers set aside beside it, not re-run."""
+    executed = fake_stages(monkeypatch)
+    spec = {"name": "s", "shared": {}, "stages": [
+        {"name": "teacher", "notebook": "notebooks/02_teacher_grpo.ipynb", "parameters": {"lr": 0.001}},
+        {"name": "summary", "notebook": "notebooks/05_ablations.ipynb",
+         "parameters": {"main": {"teacher": "{teacher}/adapter"}}}]}
+    path, out = tmp_path / "spec.yaml", tmp_path / "outputs"
+    path.write_text(yaml.safe_dump(spec))
+    run_dir = runs.run(path, outputs=out)
+    finished = {stage: tree(run_dir / stage) for stage in ("teacher", "summary")}
+    spec["stages"][0]["parameters"]["lr"] = "0.0o1"  # the typo: fails in its first cell
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(runs.RunError, match="stage\\(s\\) \\['teacher'\\] failed"):
+        runs.run(path, outputs=out)
+    assert len(executed) == 3 and not (run_dir / "summary").exists()
+    spec["stages"][0]["parameters"]["lr"] = 0.001
+    path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    runs.run(path, outputs=out)
+    assert len(executed) == 3, "a stage was re-run instead of restored"
+    assert "teacher: restored" in capsys.readouterr().out
+    assert {stage: tree(run_dir / stage) for stage in ("teacher", "summary")} == finished
+    failed = [p for p in run_dir.glob("teacher.previous-*") if "0.0o1" in (p / "parameters.yaml").read_text()]
+    assert len(failed) == 1  # the failed attempt is kept too, dated
+
+
+def test_a_broken_spec_is_one_line_naming_the_file(tmp_path, capsys):
+    """Issue 35 #6: a YAML error in a spec was a long yaml traceback never naming the file; a spec
+    whose `stages` is a string gave AttributeError."""
+    path = tmp_path / "spec.yaml"
+    for text, said in [("name: s\nstages: [\n  {name: a, notebook: x}\n", f"{path}:"),
+                       ("name: s\nstages: coldstart\n", "list of mappings"),
+                       ("name: s\nstages: [coldstart]\n", "list of mappings"),
+                       ("- name: s\n", "mapping"),
+                       ("", "mapping")]:
+        path.write_text(text)
+        message = refused(capsys, runs.main, [str(path), "--outputs", str(tmp_path / "outputs")])
+        assert said in message and str(path) in message, message
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_spec_name_cannot_lead_out_of_outputs(tmp_path, monkeypatch, capsys):
+    """Issue 35 #10: a spec `name` with ../ wrote outside --outputs."""
+    executed = fake_stages(monkeypatch)
+    path, out = tmp_path / "spec.yaml", tmp_path / "outputs"
+    for name in ("../escaped", str(tmp_path / "escaped"), "..", "a/b"):
+        path.write_text(yaml.safe_dump({"name": name, "stages": [
+            {"name": "teacher", "notebook": "notebooks/02_teacher_grpo.ipynb", "parameters": {"lr": 0.001}}]}))
+        said = refused(capsys, runs.main, [str(path), "--outputs", str(out)])
+        assert repr(name) in said and "name" in said
+    assert not executed and sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]

@@ -146,6 +146,7 @@ def test_summary_tables_format_errors_and_render_a_results_page(tmp_path):
     (folder / "main_table.png").write_bytes(b"png")  # the command copies figures beside the page and links them
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{summary.README_START}\nold numbers\n{summary.README_END}\nafter\n")
+    (tmp_path / "docs").mkdir()  # --out's folder must exist: a typo creates nothing
     summary.main([str(tmp_path / "run"), "--out", str(tmp_path / "docs" / "results.md"), "--readme", str(readme)])
     page = (tmp_path / "docs" / "results.md").read_text()
     assert "![main_table](figures/run/main_table.png)" in page

@@ -1,10 +1,13 @@
 """The toy teacher recipes: configs build for every task, the cold start on renders, shipping."""
+import functools
 import json
 
 import pytest
 import torch
 
 from flowopd_lib import adapters, models, teachers
+from guards import refused, snapshot, tree
+from tiny import tiny_model
 
 
 @pytest.mark.parametrize("task", sorted(teachers.RECIPES))
@@ -53,17 +56,13 @@ def test_cold_start_options_targets_fresh_prompts_and_the_recipe_check(tmp_path,
 
 
 def test_ship_writes_the_protocol_and_command(tmp_path):
-    run = tmp_path / "run"
-    model = models.load_base("toy")
-    adapters.add(model, "ocr", rank=2)
-    adapters.save(model, "ocr", run / "adapter", {"updates": 5})
-    adapters.save(model, "ocr", run / "sft" / "adapter", {"sft_on_renders": {"steps": 7}})
+    run = teacher_run(tmp_path / "run", "ocr")
     target = teachers.ship("ocr", run, metrics={"ocr": 0.5}, destination=tmp_path / "assets")
-    assert json.loads((target / "adapter.json").read_text())["cold_start"]["sft_on_renders"] == {"steps": 7}
     info = json.loads((target / "adapter.json").read_text())
+    assert info["cold_start"]["sft_on_renders"] == teachers.cold_start_settings("ocr")
     assert info["protocol"] == teachers.PROTOCOL and info["trainer"] == teachers.RECIPES["ocr"][0]
     assert info["command"].startswith("python -m flowopd_lib.teachers train ocr") and info["metrics"] == {"ocr": 0.5}
-    adapters.load(models.load_base("toy"), target, "ocr")  # loads as a diffusers LoRA
+    adapters.load(tiny_model(), target, "ocr")  # loads as a diffusers LoRA
     assert teachers.shipped(tmp_path / "assets") == {"ocr": target}
 
 
@@ -78,11 +77,7 @@ def test_measure_gives_each_metric_with_its_error_and_the_paired_change(tmp_path
         assert result["change"][metric]["low"] <= 0 <= result["change"][metric]["high"]
         assert f"{metric}_se" in result["base"]
     assert result["protocol"]["samples_per_prompt"] == 2
-    run = tmp_path / "run"
-    (run / "adapter").mkdir(parents=True)
-    for f in directory.iterdir():
-        (run / "adapter" / f.name).write_bytes(f.read_bytes())
-    teachers.ship("ocr", run, result, destination=tmp_path / "assets")
+    teachers.ship("ocr", teacher_run(tmp_path / "run", "ocr"), result, destination=tmp_path / "assets")
     text = teachers.table(tmp_path / "assets")
     assert "### ocr teacher" in text and "| ocr |" in text and "[" in text
 
@@ -91,7 +86,7 @@ def test_ship_refuses_a_run_that_left_its_recipe(tmp_path):
     run = tmp_path / "run"
     model = models.load_base("toy")
     adapters.add(model, "ocr", rank=2)
-    adapters.save(model, "ocr", run / "adapter")
+    adapters.save(model, "ocr", run / "adapter", {"updates": teachers.RECIPES["ocr"][1]["updates"]})
     cfg = teachers.recipe_config("ocr", str(run), {"lr": 5e-4, "eval_every": 3})
     (run / "config.yaml").write_text(cfg.to_yaml())
     with pytest.raises(ValueError, match="lr: run 0.0005, recipe 0.001"):
@@ -122,3 +117,73 @@ def test_every_recipe_has_a_shipped_teacher():
     """The study (`make run`, toy_full.yaml) routes to the four shipped teachers: each recipe's
     teacher is shipped, with its recorded row and learning curve (re-measured by the test above)."""
     assert set(teachers.shipped()) == set(teachers.RECIPES)
+
+
+def teacher_run(run, task: str = "geneval", updates: int | None = None):
+    """A run directory as `teachers train <task>` leaves it: the recipe's config.yaml and the
+    adapter of `updates` updates (default: the recipe's, a finished run); a tiny random LoRA."""
+    cfg = teachers.recipe_config(task, str(run))
+    model = tiny_model()
+    adapters.add(model, task, rank=2)
+    adapters.save(model, task, run / "adapter", {"config": cfg.to_dict(), "updates": updates or cfg.updates})
+    if teachers.cold_start_settings(task):
+        adapters.save(model, task, run / "sft" / "adapter", {"sft_on_renders": teachers.cold_start_settings(task)})
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    return run
+
+
+def shipped_teacher(assets, task: str = "geneval"):
+    """A shipped teacher as `ship` leaves one: weights, metadata, learning curve."""
+    (assets / task).mkdir(parents=True)
+    for name, content in {"pytorch_lora_weights.safetensors": "old weights", "adapter.json": '{"task": "old"}',
+                          "learning_curve.csv": "step,eval/geneval\n200,0.5\n"}.items():
+        (assets / task / name).write_text(content)
+    return assets / task
+
+
+def test_ship_checks_the_run_before_measuring_or_replacing_anything(tmp_path, monkeypatch, capsys):
+    """Issue 35 #2: ship deleted the shipped teacher, then copied a half-written run over it (the
+    recipe check skipped for a run without config.yaml), and measured for minutes before checking.
+    Now every check comes first; a refused ship measures nothing and changes no file; replacing a
+    shipped teacher takes --force and keeps the old one as a dated backup."""
+    assets, backups = tmp_path / "assets", tmp_path / "replaced"
+    monkeypatch.setattr(teachers, "ASSETS", assets)
+    monkeypatch.setattr(teachers, "REPLACED_TEACHERS", backups, raising=False)
+    measured = []
+    monkeypatch.setattr(teachers, "measure", lambda task, adapter_dir: measured.append(task) or {"geneval": 0.9})
+    old = tree(shipped_teacher(assets))
+    run = tmp_path / "run"
+    model = tiny_model()
+    adapters.add(model, "geneval", rank=2)
+    adapters.save(model, "geneval", run / "adapter", {"updates": 1})  # half-written: no config.yaml
+    before = snapshot(assets, run)
+    assert "config.yaml" in refused(capsys, teachers.main, ["ship", "geneval", "--run", str(run)])
+    assert snapshot(assets, run) == before
+    teacher_run(run, updates=1)  # the recipe's config, but stopped after 1 of 200 updates
+    before = snapshot(assets, run)
+    assert "1 of 200 updates" in refused(capsys, teachers.main, ["ship", "geneval", "--run", str(run), "--force"])
+    assert snapshot(assets, run) == before
+    teacher_run(run)
+    before = snapshot(assets, run)
+    said = refused(capsys, teachers.main, ["ship", "geneval", "--run", str(run)])
+    assert "already shipped" in said and "--force" in said
+    assert snapshot(assets, run) == before and tree(assets / "geneval") == old and not measured
+    teachers.main(["ship", "geneval", "--run", str(run), "--force"])
+    assert measured == ["geneval"] and adapters.metadata(assets / "geneval")["metrics"] == {"geneval": 0.9}
+    kept = list(backups.glob("geneval.previous-*"))
+    assert len(kept) == 1 and tree(kept[0]) == old
+
+
+def test_train_refuses_bad_settings_before_any_training(tmp_path, monkeypatch, capsys):
+    """Issue 35 #8: `teachers train --eval-prompts 0` trained, then died in torch.cat with no adapter
+    saved. Every setting is checked before the cold start or the first update."""
+    started = []
+    monkeypatch.setattr(teachers, "sft_on_renders",
+                        functools.wraps(teachers.sft_on_renders)(lambda *args, **kwargs: started.append("sft")))
+    real = teachers.trainer_for
+    monkeypatch.setattr(teachers, "trainer_for", lambda name: (real(name)[0], lambda cfg, eval_fn: started.append(cfg)))
+    out = tmp_path / "run"
+    for bad in (["--eval-prompts", "0"], ["--eval-prompts", "-1"], ["-c", "lr=fast"], ["-c", "lr"]):
+        said = refused(capsys, teachers.main, ["train", "ocr", "--out", str(out), *bad])
+        assert bad[1].split("=")[0] in said, said
+    assert not started and not out.exists()

@@ -154,3 +154,16 @@ def _timed(fn):
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def test_sign_captions_can_have_their_own_noise_and_default_to_the_shared_rate():
+    images, shared = toy.pretraining_batch(300, seed=3, caption_noise=0.2)
+    same_images, default = toy.pretraining_batch(300, seed=3, caption_noise=0.2, ocr_caption_noise=None)
+    assert default == shared and torch.equal(images, same_images)  # None: today's captions, bit for bit
+    from flowopd_lib.toy.captions import noisy_caption
+
+    rng = np.random.default_rng(0)
+    signs = [grammar.random_prompt("ocr", rng) for _ in range(400)]
+    exact = {noise: np.mean([noisy_caption(p, np.random.default_rng(i), 0.2, noise) == p.text
+                             for i, p in enumerate(signs)]) for noise in (None, 0.9)}
+    assert abs(exact[None] - 0.8) < 0.06 and abs(exact[0.9] - 0.1) < 0.06

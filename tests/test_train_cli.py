@@ -1,12 +1,21 @@
 """The trainers' command line (what `accelerate launch -m flowopd_lib.train` runs)."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import yaml
 
-from flowopd_lib import train
+from flowopd_lib import adapters, teachers, train
 from flowopd_lib.config import ConfigError
 from flowopd_lib.grpo import GRPOConfig
+from guards import refused, tree
 from tiny import tiny_model
+
+TINY_RUN = {"rewards": {"geneval": 1.0}, "datasets": {"geneval": 1.0}, "prompts_per_update": 2, "group_size": 2,
+            "sde_steps": 2, "updates": 1}
 
 
 def test_cli_trains_a_stage_from_yaml_with_overrides(tmp_path, monkeypatch, capsys):
@@ -67,10 +76,91 @@ def test_cli_refuses_an_override_without_equals_and_an_unknown_key(tmp_path, cap
     with pytest.raises(SystemExit):
         train.main(["grpo", "lr"])  # no YAML file of that name either
     assert "'lr' is neither a config file (no such file) nor a key=value override" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"unknown GRPOConfig key\(s\): 'lrr' \(did you mean 'lr'\?\)"):
-        train.main(["grpo", str(tmp_path / "run.yaml"), "lrr=0.1"])
-    with pytest.raises(ConfigError, match=r"unknown GRPOConfig key\(s\): 'updats'"):
-        train.main(["grpo", "updats=1"])  # overrides alone, without a YAML file
+    said = refused(capsys, train.main, ["grpo", str(tmp_path / "run.yaml"), "lrr=0.1"])
+    assert "unknown GRPOConfig key(s): 'lrr' (did you mean 'lr'?)" in said
+    said = refused(capsys, train.main, ["grpo", "updats=1"])  # overrides alone, without a YAML file
+    assert "unknown GRPOConfig key(s): 'updats'" in said
     assert not trained
     train.main(["grpo", "updates=2", "lr=0.5"])
     assert trained[0].updates == 2 and trained[0].lr == 0.5
+
+
+def no_training(monkeypatch) -> list:
+    """Make `train.main` record the configs it would train, training nothing."""
+    trained = []
+    monkeypatch.setattr(train, "trainer_for", lambda stage: (GRPOConfig, lambda cfg, eval_fn=None: trained.append(cfg)))
+    return trained
+
+
+def test_training_into_a_finished_run_without_checkpoints_is_refused(tmp_path, monkeypatch, capsys):
+    """Issue 35 #4: a run into the directory of a finished run whose checkpoints had been cleaned
+    replaced its adapter, config and metrics. Now it is refused in one line naming --force and
+    another out_dir; --force moves the old run to a dated backup beside it and trains afresh."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run = tmp_path / "run"
+    model = tiny_model()
+    adapters.add(model, "teacher", rank=2)
+    adapters.save(model, "teacher", run / "adapter", {"updates": 3})
+    (run / "config.yaml").write_text(GRPOConfig(**{**TINY_RUN, "updates": 3}, out_dir=str(run)).to_yaml())
+    (run / "metrics.csv").write_text("step,reward\n1,0.1\n2,0.2\n3,0.3\n")
+    base = tiny_model().save(tmp_path / "base")
+    config = tmp_path / "other.yaml"  # another run's settings, pointed at the finished run by mistake
+    config.write_text(yaml.safe_dump({**TINY_RUN, "base": str(base), "lr": 0.01, "out_dir": str(run)}))
+    finished = tree(run)
+    said = refused(capsys, train.main, ["grpo", str(config)])
+    assert str(run) in said and "--force" in said and "out_dir" in said
+    assert tree(run) == finished
+    train.main(["grpo", str(config), "--force"])
+    kept = list(tmp_path.glob("run.previous-*"))
+    assert len(kept) == 1 and tree(kept[0]) == finished
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.01 and (run / "checkpoints").exists()
+
+
+def test_a_broken_or_misshapen_config_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """Issue 35 #6: a YAML syntax error gave a long yaml traceback without the file's name; a config
+    that is a list or a string gave TypeError or nonsense keys."""
+    trained = no_training(monkeypatch)
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.01\nrewards: {geneval: 1.0\nupdates: 3\n")
+    said = refused(capsys, train.main, ["grpo", str(config)])
+    assert f"{config}:" in said and "YAML" in said  # the file and the line
+    for text in ("- lr: 0.01\n- updates: 3\n", "lr 0.01\n"):
+        config.write_text(text)
+        said = refused(capsys, train.main, ["grpo", str(config)])
+        assert str(config) in said and "mapping" in said
+    with pytest.raises(ConfigError, match=str(config)):
+        GRPOConfig.from_yaml(config)
+    assert not trained
+
+
+def test_inputs_are_checked_before_any_compute(tmp_path, monkeypatch, capsys):
+    """Issue 35 #7: task_rewards naming an unknown reward answered with a misleading error after a
+    rollout; a rewards/datasets mismatch and a missing prompt_root only at the first update."""
+    trained = no_training(monkeypatch)
+    for bad, named in [({"task_rewards": {"geneval": "genevall"}, "reward_routing": "task"}, "genevall"),
+                       ({"rewards": {"ocr": 1.0}}, "geneval"),
+                       ({"rewards": {"ocr": 1.0, "geneval": 1.0}, "reward_routing": "task",
+                         "task_rewards": {"geneval": "pickscore"}}, "pickscore"),
+                       ({"prompt_root": str(tmp_path / "no_dataset")}, "no_dataset")]:
+        overrides = [f"{k}={json.dumps(v)}" for k, v in {**TINY_RUN, **bad}.items()]
+        said = refused(capsys, train.main, ["grpo", *overrides, f"out_dir={tmp_path / 'run'}"])
+        assert named in said, said
+    assert not trained and not (tmp_path / "run").exists()
+
+
+def test_a_user_error_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    """Issue 35 #13: `train` and `teachers` printed their clear ConfigError under a long traceback."""
+    said = refused(capsys, teachers.main, ["train", "geneval", "--out", str(tmp_path / "t"), "-c", "updates=2.5"])
+    assert "updates=2.5" in said
+    no_training(monkeypatch)
+    said = refused(capsys, train.main, ["grpo", "lr=fast"])
+    assert "lr='fast'" in said and "float" in said
+    with pytest.raises(ConfigError, match="lr='fast'"):
+        train.main(["grpo", "lr=fast", "--debug"])
+    monkeypatch.setenv("FLOWOPD_DEBUG", "1")
+    with pytest.raises(ConfigError, match="lr='fast'"):
+        train.main(["grpo", "lr=fast"])
+    monkeypatch.delenv("FLOWOPD_DEBUG")
+    done = subprocess.run([sys.executable, "-m", "flowopd_lib.train", "grpo", "lr=fast"], capture_output=True,
+                          text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "lr='fast'" in done.stderr, done.stderr

@@ -18,7 +18,8 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
-import yaml
+
+from ..safe_files import read_mapping
 
 TABLES = ("main", "seesaw", "mar", "estimators", "merges")
 # What makes two runs' evaluations paired (the same prompts, noise and scorers), with the defaults
@@ -83,7 +84,7 @@ def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage
     Rows may come from `other_runs` too (same protocol); scores are cached in run_dir's cache."""
     from .. import adapters, evaluation, models
 
-    params_by_run = {str(run): yaml.safe_load((Path(run) / summary_stage / "parameters.yaml").read_text())
+    params_by_run = {str(run): read_mapping(Path(run) / summary_stage / "parameters.yaml", "a summary's parameters")
                      for run in (run_dir, *other_runs)}
     params = params_by_run[str(run_dir)]
     rows = joined_rows(params_by_run)

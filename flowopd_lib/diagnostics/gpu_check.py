@@ -222,7 +222,11 @@ def scale_to_unit_velocity(model: SD3FlowModel, seed: int) -> float:
 
 def build_model(spec: Spec, device: torch.device) -> SD3FlowModel:
     """SD3FlowModel on a StableDiffusion3Pipeline of random parts at the spec's shape."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..models.sd3 import sd3_pipeline_class
+
+    StableDiffusion3Pipeline = sd3_pipeline_class()
 
     pipeline = StableDiffusion3Pipeline(
         transformer=build_transformer(spec.transformer, device, spec.seed), vae=build_vae(spec.vae, device, spec.seed),
@@ -698,7 +702,11 @@ def real_text_encoders() -> dict:
 
 def meta_model(spec: Spec) -> SD3FlowModel:
     """SD3.5-M as a training process holds it (bf16 MMDiT and text encoders, float32 VAE), no memory."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from ..models.sd3 import sd3_pipeline_class
+
+    StableDiffusion3Pipeline = sd3_pipeline_class()
 
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**spec.transformer).to(torch.bfloat16).requires_grad_(False)

@@ -22,12 +22,13 @@ their order.
 """
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+from .. import cli
 
 CLASSES = ("exact", "order", "glyphs", "count")
 
@@ -134,22 +135,27 @@ def autoencoder_ceiling(model, prompts: list) -> float:
     return sum(r == p.spec["text"] for r, p in zip(ocr.read_text(decoded), prompts)) / len(prompts)
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> None:
     from .. import adapters, data, models
     from ..teachers import PROTOCOL
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--adapter", action="append", default=[], help="an adapter directory (repeatable)")
-    parser.add_argument("--prompts", type=int, default=90, help="OCR test prompts")
-    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--out", help="folder for ocr_errors.csv and ocr_errors.png")
+    parser.add_argument("--prompts", type=cli.count, default=90, help="OCR test prompts")
+    parser.add_argument("--samples", type=cli.count, default=4, help="samples per prompt")
+    parser.add_argument("--out", type=Path, help="folder for ocr_errors.csv and ocr_errors.png")
     args = parser.parse_args(argv)
+    for directory in args.adapter:  # every input before the model loads
+        adapters.check_folder(directory, "--adapter")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise cli.UserError(f"--out {args.out} is a file: name a folder for ocr_errors.csv and ocr_errors.png")
+    prompts = data.prompts("ocr", args.prompts, "test", PROTOCOL["seed"])  # more than the test set: one line
     model = models.load_base("toy")
     views = {"base": adapters.view(model, None)}
     for i, directory in enumerate(args.adapter):
         views[Path(directory).name if Path(directory).name != "adapter" else Path(directory).parent.name] = \
             adapters.view(model, adapters.load(model, directory, f"a{i}"))
-    prompts = data.prompts("ocr", args.prompts, "test", PROTOCOL["seed"])
     reads, images = sample_reads(views, prompts, args.samples, PROTOCOL["cfg_scale"], PROTOCOL["steps"],
                                  PROTOCOL["seed"])
     targets = [p.spec["text"] for p in prompts for _ in range(args.samples)]
@@ -161,11 +167,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{signal['order']:.4f}; of the pooled vector: {signal['pooled_order']:.5f}; two glyphs in one slot: "
           f"{signal['glyph']:.3f}")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / "ocr_errors.csv")
-        figure(prompts, images, reads, args.samples, path=out / "ocr_errors.png")
-        print(f"wrote {out / 'ocr_errors.csv'} and {out / 'ocr_errors.png'}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out / "ocr_errors.csv")
+        figure(prompts, images, reads, args.samples, path=args.out / "ocr_errors.png")
+        print(f"wrote {args.out / 'ocr_errors.csv'} and {args.out / 'ocr_errors.png'}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,25 @@ SD3_LORA_ALPHA = 64
 
 # ----------------------------------------------------------------------------- the wrapper
 
+
+def sd3_pipeline_class():
+    """diffusers' StableDiffusion3Pipeline, imported without transformers' "requires torchvision"
+    notice: the pipeline's IP-adapter image processors are imported with it but never used here, and
+    without torchvision transformers falls back to its PIL processors, which is what the notice says.
+    Only that notice is dropped (a filter on the logger that emits it, for the import)."""
+    import logging
+
+    def not_torchvision_notice(record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    logger.addFilter(not_torchvision_notice)
+    try:
+        from diffusers import StableDiffusion3Pipeline
+    finally:
+        logger.removeFilter(not_torchvision_notice)
+    return StableDiffusion3Pipeline
+
 class SD3FlowModel(FlowModel):
     """SD3(.5) text-to-image flow model on the components of a `StableDiffusion3Pipeline`.
 
@@ -93,8 +112,7 @@ class SD3FlowModel(FlowModel):
         kept in float32 as in Flow-GRPO. `load_t5=False` skips the 4.7B-parameter T5-XXL.
         resolution defaults to the pipeline's native size capped at 512 (Flow-GRPO trains and
         evaluates SD3.5-M at 512; a smaller pipeline, e.g. a tiny stand-in, keeps its own size)."""
-        from diffusers import StableDiffusion3Pipeline
-
+        StableDiffusion3Pipeline = sd3_pipeline_class()
         without_t5 = {} if load_t5 else {"text_encoder_3": None, "tokenizer_3": None}
         dtypes = {"vae": torch.float32, "default": dtype}
         pipeline = StableDiffusion3Pipeline.from_pretrained(path_or_hub_id, dtype=dtypes, **without_t5)
@@ -231,8 +249,10 @@ def tiny_sd3_pipeline(seed: int = 0):
     attention block; the shift-3 flow-matching scheduler. Default image: 32 px (latent 16x16x16).
     All modules in eval mode (random T5 has dropout). The global RNG state is left untouched.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import T5Config, T5EncoderModel
+
+    StableDiffusion3Pipeline = sd3_pipeline_class()
 
     clip_l_dim, clip_g_dim, t5_dim, latent_channels = 16, 32, 64, 16
     tokenizer, tokenizer_2, tokenizer_3 = _tiny_clip_tokenizer(), _tiny_clip_tokenizer(), _tiny_t5_tokenizer()

@@ -108,8 +108,10 @@ class GlyphPlaces(nn.Module):
 
     def __init__(self, max_tokens: int, dim: int, init_std: float = 0.25):
         super().__init__()
-        self.embedding = nn.Embedding(2 * max_tokens, dim)
-        nn.init.normal_(self.embedding.weight, std=init_std)
+        # Drawn from its own generator: building it leaves the global RNG where it was (a model's other
+        # random draws, e.g. the tests' tiny models, are those of a model without glyph places).
+        weight = torch.randn(2 * max_tokens, dim, generator=torch.Generator().manual_seed(0)) * init_std
+        self.embedding = nn.Embedding(2 * max_tokens, dim, _weight=weight)
 
     def forward(self, places: torch.Tensor) -> torch.Tensor:
         return self.embedding(places) * (places > 0).unsqueeze(-1)

@@ -91,18 +91,20 @@ def noisy_freeform(p: Prompt, rng: np.random.Generator, noise: float) -> str:
     return freeform_text(spec)
 
 
-def noisy_caption(p: Prompt, rng: np.random.Generator, noise: float) -> str:
-    """A web-like caption of the scene that `p` describes (see the module docstring)."""
+def noisy_caption(p: Prompt, rng: np.random.Generator, noise: float, ocr_noise: float | None = None) -> str:
+    """A web-like caption of the scene that `p` describes (see the module docstring); `ocr_noise`
+    (None: `noise`) is the rate for signs, whose text web captions transcribe even more rarely."""
     if p.task == "geneval":
         return noisy_geneval(p, rng, noise)
     if p.task == "ocr":
-        return noisy_ocr(p, rng, noise)
+        return noisy_ocr(p, rng, noise if ocr_noise is None else ocr_noise)
     return noisy_freeform(p, rng, noise)
 
 
-def pretraining_batch(n: int, seed: int, caption_noise: float = CAPTION_NOISE,
-                      size: int = 32) -> tuple[torch.Tensor, list[str]]:
-    """n random scenes from all families, rendered [n, 3, size, size], with noisy captions."""
+def pretraining_batch(n: int, seed: int, caption_noise: float = CAPTION_NOISE, size: int = 32,
+                      ocr_caption_noise: float | None = None) -> tuple[torch.Tensor, list[str]]:
+    """n random scenes from all families, rendered [n, 3, size, size], with noisy captions
+    (`ocr_caption_noise`: the signs' own rate; None: `caption_noise`)."""
     rng, caption_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
     families = list(FAMILY_WEIGHTS)
     picks = rng.choice(len(families), size=n, p=list(FAMILY_WEIGHTS.values()))
@@ -110,5 +112,5 @@ def pretraining_batch(n: int, seed: int, caption_noise: float = CAPTION_NOISE,
     for k in picks:  # scenes do not depend on caption_noise: it only changes the captions
         prompt = random_prompt(families[k], rng)
         scenes.append(scene_for_prompt(prompt, rng, size))
-        captions.append(noisy_caption(prompt, caption_rng, caption_noise))
+        captions.append(noisy_caption(prompt, caption_rng, caption_noise, ocr_caption_noise))
     return render_scenes(scenes, size), captions

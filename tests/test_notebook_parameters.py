@@ -1,0 +1,35 @@
+"""Notebooks refuse a parameter they do not declare (`-p updatez 1` used to run at the defaults)."""
+import json
+from pathlib import Path
+
+import papermill
+import pytest
+from papermill.exceptions import PapermillExecutionError
+
+from flowopd_lib import notebook
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def test_unknown_parameters_are_found_in_the_kernel_history():
+    params_cell = "updates = 10  # a budget\nlr: float = None\n"
+    injected = "# Parameters\nupdatez = 1\nlr = 0.5\n"
+    assert notebook.unknown_parameters(["", params_cell, injected, "x = 1"]) == (["updatez"], ["updates", "lr"])
+    assert notebook.unknown_parameters(["", params_cell, "x = 1"]) == ([], [])  # nothing injected: nothing to check
+    assert notebook.unknown_parameters(["", params_cell, "# Parameters\nlr = 0.5\n"]) == ([], ["updates", "lr"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_each_notebook_checks_its_parameters_right_after_declaring_them(name):
+    cells = [c for c in json.loads((NOTEBOOKS / name).read_text())["cells"] if c["cell_type"] == "code"]
+    first = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+    assert "refuse_unknown_parameters()" in "".join(cells[first + 1]["source"]), \
+        f"{name}: the cell after the parameters cell must call notebook.refuse_unknown_parameters()"
+
+
+def test_a_mistyped_parameter_stops_the_notebook_in_its_first_cell(tmp_path):
+    with pytest.raises(PapermillExecutionError, match="'eval_prompt' \\(did you mean 'eval_prompts'\\?\\)"):
+        notebook.execute(NOTEBOOKS / "05_ablations.ipynb", tmp_path / "05.ipynb", {"eval_prompt": 4}, cwd=tmp_path)
+    cells = json.loads((tmp_path / "05.ipynb").read_text())["cells"]
+    ran = [c for c in cells if c["cell_type"] == "code" and c.get("execution_count")]
+    assert len(ran) == 3  # the parameters, the injected ones, and the check: nothing computed
