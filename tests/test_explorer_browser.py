@@ -81,6 +81,13 @@ def start_lab(directory: Path, port: int) -> subprocess.Popen:
     raise RuntimeError(f"jupyter-lab did not answer on port {port}; see {directory / 'lab.log'}")
 
 
+def launch_chromium(playwright, directory: Path):
+    """Headless Debian Chromium with a fresh profile under `directory`, a 1400x1000 viewport."""
+    return playwright.chromium.launch_persistent_context(tempfile.mkdtemp(dir=directory), executable_path=str(CHROMIUM),
+                                                         headless=True, args=CHROMIUM_ARGS,
+                                                         viewport={"width": 1400, "height": 1000})
+
+
 def stop_lab(server: subprocess.Popen) -> None:
     """Stop jupyter-lab: a polite terminate, then a kill if it is still shutting its kernels down
     after 30 s (a loaded machine is slow to, and the test's result does not depend on it)."""
@@ -107,9 +114,7 @@ def test_notebook_runs_in_jupyterlab_and_the_slider_rerenders(tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(tempfile.mkdtemp(dir=tmp_path), executable_path=str(CHROMIUM),
-                                                           headless=True, args=CHROMIUM_ARGS,
-                                                           viewport={"width": 1400, "height": 1000})
+            browser = launch_chromium(p, tmp_path)
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/lab/tree/{notebook.name}")
             page.wait_for_function(KERNEL_IDLE, timeout=90_000)

@@ -9,14 +9,13 @@ Skips with the reason when Chromium or playwright is missing (`.ci/run` installs
 from __future__ import annotations
 
 import json
-import tempfile
 
 import pytest
 import torch
 
 from flowopd_lib import notebook
 from flowopd_lib.models.toy import ToyFlowModel
-from test_explorer_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port, start_lab, stop_lab
+from test_explorer_browser import ARTIFACTS, CHROMIUM, free_port, launch_chromium, start_lab, stop_lab
 from test_notebooks import NOTEBOOKS, random_teachers
 
 pytestmark = [pytest.mark.browser,
@@ -47,9 +46,7 @@ def test_an_executed_notebook_shows_its_figures_in_jupyterlab(tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(tempfile.mkdtemp(dir=tmp_path), executable_path=str(CHROMIUM),
-                                                           headless=True, args=CHROMIUM_ARGS,
-                                                           viewport={"width": 1400, "height": 1000})
+            browser = launch_chromium(p, tmp_path)
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}")
             page.locator(".jp-OutputArea-output").first.wait_for(timeout=90_000)
