@@ -11,7 +11,9 @@ from .sd3 import SD3FlowModel, tiny_sd3_pipeline
 from .toy import SIZES, ToyFlowModel
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-BASES = {"toy": ASSETS / "base_toy"}
+# "toy": the base of the shipped teachers; "toy_glyph": it, continued with glyph places (its context tokens
+# encode glyph order: issue 36, docs/toy_world.md), the base of the conflict-dial world
+BASES = {"toy": ASSETS / "base_toy", "toy_glyph": ASSETS / "base_toy_glyph"}
 SD3_BASES = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium"}
 
 

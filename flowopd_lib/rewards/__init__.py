@@ -10,6 +10,8 @@ dict whose "reward" entry is the training signal; some add evaluation entries:
     deqa       reward (quality 1-5; the prompt is ignored)
     taste      reward (the hidden taste alone) and its terms
 
+The toy world's conflict dial (`conflict.py`) changes pickscore and taste (and their versions).
+
 Real-scale scorers for SD3.5-M, named by engine (`rewards.real`): rapidocr (judges ocr),
 pickscore_v1, geneval_server (judges geneval; also strict), deqa_server (also quality 1-5).
 
@@ -25,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from . import deqa, geneval, ocr, real, taste
+from . import conflict, deqa, geneval, ocr, real, taste
 
 Scorer = Callable[[torch.Tensor, list], dict]
 _REGISTRY: dict[str, Scorer] = {}
@@ -77,7 +79,7 @@ def _pickscore(images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
 
 def _pickscore_version() -> str:
     from . import pickscore
-    return pickscore.weights_digest()
+    return pickscore.weights_digest() + conflict.tag()  # '' at 0: today's cache keys stay valid
 
 
 def _taste(images: torch.Tensor, prompts: list) -> dict[str, torch.Tensor]:
@@ -89,10 +91,10 @@ register("geneval", geneval.score, tasks=("geneval",))
 register("ocr", ocr.score, tasks=("ocr",))
 register("pickscore", _pickscore, version=_pickscore_version)
 register("deqa", deqa.score)
-register("taste", _taste)
+register("taste", _taste, version=conflict.tag)
 register("rapidocr", real.rapidocr.score, tasks=("ocr",))
 register("pickscore_v1", real.PickScoreV1())
 register("geneval_server", real.GenEvalServer(), tasks=("geneval",))
 register("deqa_server", real.DeQAServer())
 
-__all__ = ["available", "deqa", "geneval", "judges", "ocr", "real", "register", "score", "taste", "version"]
+__all__ = ["available", "conflict", "deqa", "geneval", "judges", "ocr", "real", "register", "score", "taste", "version"]

@@ -22,6 +22,11 @@ size). Counting: per 8x8 cell, a density of objects matching each group (query .
 object, sum-pooled and set against the wanted counts. An MLP on all of it -> two factors whose
 product is the proxy (logit returned). `python -m flowopd_lib.rewards.pickscore` retrains
 deterministically and ships the weights (assets/pickscore_toy/), printing held-out accuracy.
+
+Conflict dial (`conflict.py`): each setting c > 0 has its own proxy (assets/pickscore_toy_conflict<c>/,
+`--conflict c`), learned from that setting's taste; its groups swap the second layout and the
+second wrong scene for appealing versions of them (`degrade.appeal_scene`: one object, enlarged,
+a vivid background), so the labels can teach what the appeal likes. At 0 the data is today's.
 """
 from __future__ import annotations
 
@@ -37,14 +42,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..toy.degrade import background_color, blotch, blur, degrade, perturb_scene
+from ..cli import UserError
+from ..safe_files import replace_directory
+from ..toy.degrade import appeal_scene, background_color, blotch, blur, degrade, perturb_scene
 from ..toy.grammar import Prompt, parse_prompt, random_freeform, vocabulary, words
 from ..toy.layout import scene_for_prompt
 from ..toy.scenes import BACKGROUNDS, COLORS, SHAPES, SIZES, render_scenes
 from ..toy.splits import read_prompts
+from . import conflict
 from .taste import taste
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "pickscore_toy"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+WEIGHTS_DIR = ASSETS / "pickscore_toy"  # conflict 0
 SIZE = 32
 MIN_GAP = 0.05
 GROUP = 8  # images per prompt in the training data
@@ -162,11 +171,15 @@ class PickScoreToy(nn.Module):
 
 # ----------------------------------------------------------------------------- data
 
-def image_group(prompt: Prompt, other: Prompt, rng: np.random.Generator, seed: int) -> torch.Tensor:
-    """GROUP images for one prompt, from perfect to poor, as a GRPO group might look."""
+def image_group(prompt: Prompt, other: Prompt, rng: np.random.Generator, seed: int,
+                appealing: bool = False) -> torch.Tensor:
+    """GROUP images for one prompt, from perfect to poor, as a GRPO group might look; with
+    `appealing`, the second layout and the second wrong scene are made appealing (module docstring)."""
     scene = scene_for_prompt(prompt, rng)
     scenes = [scene, scene_for_prompt(prompt, rng), perturb_scene(scene, rng, SIZE),
               perturb_scene(scene, rng, SIZE), scene_for_prompt(other, rng)]
+    if appealing:
+        scenes[1], scenes[3] = appeal_scene(scenes[1], rng, SIZE), appeal_scene(scenes[3], rng, SIZE)
     x = render_scenes(scenes)
     sigma = float(rng.uniform(0.4, 1.2))
     extra = torch.stack([blur(x[:1], sigma)[0], blotch(x[1:2], 2)[0], degrade(x[2:3], seed, p=0.6)[0]])
@@ -174,12 +187,13 @@ def image_group(prompt: Prompt, other: Prompt, rng: np.random.Generator, seed: i
 
 
 def make_data(prompts: list[Prompt], seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Images (uint8 [N * GROUP, 3, 32, 32]), their prompt texts, and taste labels."""
+    """Images (uint8 [N * GROUP, 3, 32, 32]), their prompt texts, and taste labels (at the current
+    conflict setting)."""
     rng = np.random.default_rng(seed)
     images, texts = [], []
     for i, p in enumerate(prompts):
         other = prompts[int(rng.integers(len(prompts)))]
-        images.append(image_group(p, other, rng, seed * 100003 + i))
+        images.append(image_group(p, other, rng, seed * 100003 + i, appealing=conflict.get() > 0))
         texts += [p.text] * GROUP
     x = torch.cat(images)
     labels = torch.cat([taste(x[j: j + 4096], [prompts[k // GROUP] for k in range(j, min(j + 4096, len(x)))])
@@ -236,13 +250,16 @@ def training_prompts(n: int, seed: int) -> list[Prompt]:
 
 
 def train(steps: int = 6000, batch_groups: int = 16, lr: float = 3e-3, seed: int = 0,
-          n_prompts: int = 8000, width: int = 16, out_dir: Path | None = WEIGHTS_DIR) -> dict:
-    """Train the scorer on train-split and fresh prompts, measure it on test-split ones, and
-    (with out_dir) save weights + config. Returns what was measured."""
+          n_prompts: int = 8000, width: int = 16, out_dir: Path | None = WEIGHTS_DIR,
+          conflict_setting: float = 0.0) -> dict:
+    """Train the scorer on train-split and fresh prompts labelled by the taste at
+    `conflict_setting`, measure it on test-split ones, and (with out_dir) save weights + config.
+    Returns what was measured."""
     torch.manual_seed(seed)
     t0 = time.time()
-    x, texts, y = make_data(training_prompts(n_prompts, seed), seed)
-    xt, texts_t, yt = make_data(read_prompts("pickscore", "test"), seed + 1)
+    with conflict.setting(conflict_setting):
+        x, texts, y = make_data(training_prompts(n_prompts, seed), seed)
+        xt, texts_t, yt = make_data(read_prompts("pickscore", "test"), seed + 1)
     pairs, pairs_t = pairs_of(y), pairs_of(yt)
     t_data = time.time() - t0
     model = PickScoreToy(vocabulary(), width=width)
@@ -276,40 +293,77 @@ def train(steps: int = 6000, batch_groups: int = 16, lr: float = 3e-3, seed: int
         "heldout_corr_with_taste": float(torch.corrcoef(torch.stack([s_t, yt]))[0, 1]),
         "heldout_mae_to_taste": float((s_t - yt).abs().mean()),
         "train_images": len(x), "train_pairs": len(pairs), "steps": steps, "seed": seed,
+        "conflict": conflict_setting,
         "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0 - t_data, 1),
     }
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), str(out_dir / "model.safetensors"))
         config = {"vocab": vocabulary(), "width": model.conv1.out_channels,
                   "text_dim": model.embed.embedding_dim, "size": SIZE, "metrics": metrics}
-        (out_dir / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+        def build(folder: Path) -> None:
+            save_file(model.state_dict(), str(folder / "model.safetensors"))
+            (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        # written beside and renamed in: an interrupted run never leaves half a proxy (the old is in git)
+        replace_directory(out_dir, build, keep=False)
     return metrics
 
 
+def weights_dir(setting: float | None = None) -> Path:
+    """Where the proxy of a conflict setting (default: the current one) lives; an error naming the
+    command that trains it when it is not there."""
+    tag = conflict.tag(setting)
+    directory = ASSETS / f"pickscore_toy_{tag}" if tag else WEIGHTS_DIR
+    if not (directory / "model.safetensors").exists():
+        value = conflict.get() if setting is None else setting
+        raise UserError(f"no PickScore proxy for conflict={value:g} (looked in {directory}); train it: "
+                        f"python -m flowopd_lib.rewards.pickscore --conflict {value:g}  (about 25 min on one core)")
+    return directory
+
+
+def weights_digest(directory: Path | None = None) -> str:
+    """sha256 (16 hex digits) of a proxy's weights file (default: the current setting's): its version."""
+    return _digest(directory or weights_dir())
+
+
 @lru_cache(maxsize=None)
-def weights_digest(weights_dir: Path = WEIGHTS_DIR) -> str:
-    """sha256 (16 hex digits) of the shipped weights file: the scorer's version."""
-    return hashlib.sha256((weights_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+def _digest(directory: Path) -> str:
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
-@lru_cache(maxsize=1)
-def load(weights_dir: Path = WEIGHTS_DIR) -> PickScoreToy:
-    """The shipped scorer (cached), in eval mode."""
-    config = json.loads((weights_dir / "config.json").read_text())
+@lru_cache(maxsize=4)
+def load(directory: Path = WEIGHTS_DIR) -> PickScoreToy:
+    """A shipped scorer (cached), in eval mode."""
+    config = json.loads((directory / "config.json").read_text())
     model = PickScoreToy(config["vocab"], config["width"], config["text_dim"])
-    model.load_state_dict(load_file(str(weights_dir / "model.safetensors")))
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model.eval()
 
 
 @torch.no_grad()
 def score(images: torch.Tensor, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
-    """{"reward": the learned proxy in (0, 1) [B], "true": the hidden taste [B]}."""
-    proxy = torch.sigmoid(load()(images.float().clamp(0, 1), [p.text for p in prompts]))
+    """{"reward": the learned proxy in (0, 1) [B], "true": the hidden taste [B]}, both at the
+    current conflict setting."""
+    proxy = torch.sigmoid(load(weights_dir())(images.float().clamp(0, 1), [p.text for p in prompts]))
     return {"reward": proxy, "true": taste(images, prompts)}
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m flowopd_lib.rewards.pickscore", description=__doc__.split("\n")[0])
+    parser.add_argument("--conflict", type=float, default=0.0, help="the conflict setting whose taste labels the data")
+    parser.add_argument("--out", default=None, help="weights folder (default: the setting's shipped folder)")
+    parser.add_argument("--steps", type=int, default=6000, help="training steps")
+    args = parser.parse_args(argv)
+    setting = conflict.check(args.conflict)
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: give a number of steps >= 1")
+    tag = conflict.tag(setting)
+    out = Path(args.out) if args.out else (ASSETS / f"pickscore_toy_{tag}" if tag else WEIGHTS_DIR)
     torch.set_num_threads(1)
-    for k, v in train().items():
+    for k, v in train(steps=args.steps, out_dir=out, conflict_setting=setting).items():
         print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    from ..cli import entry
+    entry(main)()

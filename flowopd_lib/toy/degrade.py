@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .scenes import COLORS, SHAPES, Item, Scene
+from .scenes import COLORS, SHAPES, VIVID_BACKGROUNDS, Item, Scene
 
 
 def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -120,4 +120,26 @@ def perturb_scene(scene: Scene, rng: np.random.Generator, size: int) -> Scene:
     else:
         it = s.items[rng.integers(len(s.items))]
         it.shape = SHAPES[rng.integers(len(SHAPES))]
+    return s
+
+
+def appeal_scene(scene: Scene, rng: np.random.Generator, size: int) -> Scene:
+    """A version of a scene a preference model likes whatever the prompt asked (the conflict dial's
+    appeal, rewards/taste.py): one object kept, objects enlarged beyond the largest size and the
+    single one centred, a vivid background; each with probability 1/2, at least one of them."""
+    s = copy.deepcopy(scene)
+    changes = rng.random(3) < 0.5
+    if not changes.any() or not s.items:
+        changes[2] = True
+    if changes[0] and len(s.items) > 1:
+        s.items = [s.items[rng.integers(len(s.items))]]
+    if changes[1]:
+        for it in s.items:
+            side = int(rng.choice([15, 17, 19])) * size // 32 | 1
+            it.y, it.x = it.y + (it.side - side) // 2, it.x + (it.side - side) // 2
+            it.side = side
+        if len(s.items) == 1:
+            s.items[0].y = s.items[0].x = (size - s.items[0].side) // 2
+    if changes[2]:
+        s.background = list(VIVID_BACKGROUNDS)[rng.integers(len(VIVID_BACKGROUNDS))]
     return s

@@ -34,6 +34,9 @@ BACKGROUNDS = {  # neutral: chroma <= 0.16, so never mistaken for an object colo
     "dark": (0.16, 0.16, 0.19),
 }
 LIGHT_BACKGROUNDS = ("white", "gray", "cream")
+# Saturated backgrounds at hues 37+ degrees from every object colour (the detector's tolerance is
+# 30, so they are never objects). No prompt names them; the conflict dial's appeal likes them.
+VIVID_BACKGROUNDS = {"teal": (0.05, 0.60, 0.60), "rose": (0.85, 0.20, 0.60)}  # hues 180, 323
 SIGN_RGB = (0.99, 0.99, 0.99)
 INK_RGB = (0.08, 0.08, 0.10)
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -98,7 +101,7 @@ def sign_box(text: str, text_yx: tuple[int, int], size: int) -> tuple[int, int, 
 def draw_scene(scene: Scene, size: int) -> np.ndarray:
     """Render one scene into a float32 array [size, size, 3] in [0, 1]."""
     img = np.empty((size, size, 3), dtype=np.float32)
-    img[:] = BACKGROUNDS[scene.background]
+    img[:] = BACKGROUNDS.get(scene.background) or VIVID_BACKGROUNDS[scene.background]
     for it in scene.items:  # items may hang over the edge (perturbed scenes): clip them
         y0, x0 = max(it.y, 0), max(it.x, 0)
         y1, x1 = min(it.y + it.side, size), min(it.x + it.side, size)

@@ -1,0 +1,124 @@
+"""The toy world's conflict dial (rewards/conflict.py, issue 36 A): 0 is today's world bit for bit,
+the taste follows its formula at every setting, appeal is what it says, the exact rewards never
+move, and the setting reaches every version the evaluation cache keys on."""
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flowopd_lib import rewards
+from flowopd_lib.cli import UserError
+from flowopd_lib.rewards import conflict, pickscore, taste
+from flowopd_lib.toy.degrade import appeal_scene, degrade
+from flowopd_lib.toy.layout import render, scene_for_prompt
+from flowopd_lib.rewards.detect import detect
+from flowopd_lib.rewards.taste import appeal, background_rgb
+from flowopd_lib.toy.scenes import Item, Scene, render_scenes
+from flowopd_lib.toy.splits import read_prompts
+
+# sha256 of values computed by the code before the dial existed (commit 9ae20c4), on the batches below
+TASTE_BEFORE_THE_DIAL = "1cf2b44f008ddce1"
+PROXY_DATA_BEFORE_THE_DIAL = ("b911aedc3f554c2c", "778ea15a3c5e5289")  # images, labels
+
+
+def digest(array: np.ndarray) -> str:
+    return hashlib.sha256(array.tobytes()).hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    prompts = [p for t in ("geneval", "ocr", "pickscore", "deqa") for p in read_prompts(t, "test")[:16]]
+    return degrade(render(prompts, seed=3), seed=5, p=0.5), prompts
+
+
+def test_dial_at_zero_is_todays_taste_bit_for_bit(batch):
+    images, prompts = batch
+    assert conflict.get() == 0
+    assert digest(taste.taste(images, prompts).numpy()) == TASTE_BEFORE_THE_DIAL
+    with conflict.setting(0.5):  # the check can fail: another setting is another taste
+        assert digest(taste.taste(images, prompts).numpy()) != TASTE_BEFORE_THE_DIAL
+
+
+def test_proxy_training_data_at_zero_is_todays(batch):
+    x, _, y = pickscore.make_data(read_prompts("pickscore", "test")[:6], seed=0)
+    assert (digest(x.numpy()), digest(y.numpy())) == PROXY_DATA_BEFORE_THE_DIAL
+
+
+@pytest.mark.parametrize("setting", [0.25, 0.5, 1.0])
+def test_taste_follows_its_formula_at_every_setting(batch, setting):
+    images, prompts = batch
+    with conflict.setting(setting):
+        t = {k: v.double() for k, v in taste.taste_terms(images, prompts).items()}
+    aesthetic = 0.3 * t["harmony"] + 0.3 * t["composition"] + 0.4 * t["clean"]
+    expected = t["faithfulness"] ** (1 - setting) * (0.25 + 0.75 * ((1 - setting) * aesthetic + setting * t["appeal"]))
+    torch.testing.assert_close(t["taste"], expected, atol=1e-6, rtol=0)
+
+
+def scenes_and_appealing(task: str, n: int = 48):
+    prompts = read_prompts(task, "test")[:n]
+    rng = np.random.default_rng(0)
+    clean = [scene_for_prompt(p, rng) for p in prompts]
+    return prompts, render_scenes(clean), render_scenes([appeal_scene(s, rng, 32) for s in clean])
+
+
+def test_appeal_likes_one_bold_subject_on_a_vivid_background():
+    bold = Scene("teal", [Item("circle", "red", 19, 6, 6)])
+    scene = scene_for_prompt(read_prompts("geneval", "test")[0], np.random.default_rng(0))  # small objects, neutral
+    x = render_scenes([bold, scene])
+    arr = x.permute(0, 2, 3, 1).numpy()
+    p = appeal(arr, detect(x), background_rgb(arr), [False, False])
+    assert p[0] > 0.9 and p[1] < p[0] - 0.3, p
+
+
+def test_the_dial_turns_the_taste_from_faithful_renders_to_appealing_ones():
+    prompts, clean, appealing = scenes_and_appealing("geneval")
+    wins = {}
+    for setting in (0.0, 0.75):
+        with conflict.setting(setting):
+            wins[setting] = float((taste.taste(appealing, prompts) > taste.taste(clean, prompts)).float().mean())
+    assert wins[0.0] < 0.3 and wins[0.75] > 0.7, wins
+
+
+def test_exact_rewards_do_not_depend_on_the_dial(batch):
+    images, prompts = batch
+    by_task = {t: [i for i, p in enumerate(prompts) if p.task == t] for t in ("geneval", "ocr")}
+    def exact():
+        out = {t: rewards.score(t, images[i], [prompts[k] for k in i]) for t, i in by_task.items()}
+        out["deqa"] = rewards.score("deqa", images, prompts)
+        return out
+    at_zero = exact()
+    with conflict.setting(1.0):
+        at_one = exact()
+    for name in at_zero:
+        for key in at_zero[name]:
+            assert torch.equal(at_zero[name][key], at_one[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, math.nan, True, "0.5"])
+def test_a_bad_setting_is_one_clear_error(bad):
+    with pytest.raises(UserError, match=r"conflict=.* is not a number in \[0, 1\]"):
+        conflict.use(bad)
+    assert conflict.get() == 0
+
+
+def test_setting_is_restored_after_the_block_even_on_error():
+    with pytest.raises(RuntimeError):
+        with conflict.setting(0.5):
+            assert conflict.get() == 0.5
+            raise RuntimeError("inside")
+    assert conflict.get() == 0
+
+
+def test_the_setting_reaches_the_versions_the_evaluation_cache_keys_on():
+    assert rewards.version("taste") == "" and rewards.version("pickscore") == pickscore.weights_digest()
+    with conflict.setting(0.5):
+        assert rewards.version("taste") == "conflict0.5"
+    assert rewards.version("geneval") == rewards.version("ocr") == ""
+
+
+def test_a_setting_without_a_proxy_names_the_command_that_trains_one():
+    with conflict.setting(0.123):
+        with pytest.raises(UserError, match=r"no PickScore proxy for conflict=0\.123.*--conflict 0\.123"):
+            rewards.score("pickscore", torch.rand(1, 3, 32, 32), read_prompts("pickscore", "test")[:1])
