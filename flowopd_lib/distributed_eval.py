@@ -36,12 +36,12 @@ GenEval server for (only_strict=False); the server's "strict" (exact counts) is 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import subprocess
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -50,9 +50,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, evaluation, rollout
+from . import cli, data, evaluation, rollout
 from .config import Config, ConfigError, param
+from .cli import UserError
 from .distributed import Collectives
+from .rewards import conflict, pickscore
 from .tasks import TASKS
 from .toy.grammar import GENEVAL_TAGS
 
@@ -84,12 +86,20 @@ class EvalConfig(Config):
                                               "prompt_root (e.g. deqa: a DrawBench prompt file, one a line)",
                                               default_factory=dict)
 
+    conflict: float = param(0.0, "the toy world's conflict dial (rewards/conflict.py): how far the hidden taste, "
+                            "and the PickScore proxy learned from it, trades faithfulness for appeal (0: today's "
+                            "world; each setting needs its shipped proxy)", range=(0, 1))
     text_encoders_on_cpu: bool = param(False, "keep the frozen text encoders on the CPU, in training and "
                                        "evaluation (SD3.5-M: frees ~10 GiB of each GPU for 24-48 GB cards; new "
                                        "prompts are encoded there)")
 
     def check(self) -> None:
         super().check()
+        if self.conflict:
+            try:  # before any compute: the setting's proxy must exist
+                pickscore.weights_dir(self.conflict)
+            except UserError as error:
+                raise ConfigError(f"{type(self).__name__}.conflict={self.conflict:g}: {error}") from None
         for field in ("eval_tasks", "eval_prompt_files"):
             unknown = [t for t in (getattr(self, field) or ()) if t not in TASKS]
             if unknown:
@@ -235,6 +245,7 @@ def evaluate_on_ranks(model, cfg: EvalConfig, accelerator=None, seed: int = 0, t
     task); `prompts_for_task` replaces the test files (`eval_prompt_source`); tasks:
     `cfg.eval_tasks`, else `default_tasks`. The model is used as it is (its device, its active
     adapter): a trainer wraps this in its EMA weights and adapter."""
+    conflict.use(cfg.conflict)  # the job's world: the dial is one setting per process
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     prompt_sets = eval_prompt_sets(cfg, seed, prompt_root, prompts_for_task, default_tasks)
     samples = {task: cfg.samples_for(task) for task in prompt_sets}
@@ -341,6 +352,25 @@ def read_scores(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, **exact)
 
 
+SCORE_COLUMNS = ("model", "metric", "prompt", "sample", "stratum", "value")
+
+
+def cached_scores(path: Path) -> pd.DataFrame | None:
+    """A cached scores CSV, or None when there is none or it is damaged (then it is recomputed: a
+    warning names the file; a cache must never stop a run)."""
+    if not path.exists():
+        return None
+    try:
+        frame = read_scores(path)
+        if not set(SCORE_COLUMNS) <= set(frame.columns) or not pd.api.types.is_numeric_dtype(frame["value"]):
+            raise ValueError("not a scores table")
+        return frame
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        warnings.warn(f"the cached scores {path} are damaged ({error}); evaluating again", stacklevel=2)
+        return None
+
+
+@cli.entry
 def main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator
 
@@ -348,11 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     from .train import parse_override
     from .trainer import check_world
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("adapter", nargs="?", help="an adapter directory (adapters.load reads it), or 'base'")
     parser.add_argument("config", nargs="?", help="YAML file of EvalJob fields (--help-config lists them)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.add_argument("--out", help="per-sample scores CSV (written by process 0)")
+    parser.add_argument("--out", type=cli.new_file, help="per-sample scores CSV (written by process 0; its folder "
+                                                        "must exist)")
     parser.add_argument("--name", help="the model column of the scores (default: the adapter argument)")
     parser.add_argument("--help-config", action="store_true", help="list the EvalJob fields and exit")
     args = parser.parse_args(argv)
@@ -364,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     values = yaml_mapping(args.config)
     values.update(parse_override(parser, item) for item in args.overrides)
     job = EvalJob.from_dict(values)
+    if args.adapter != "base":
+        adapters.check_folder(args.adapter, "the adapter argument")  # before any process loads a model
     acc = Accelerator()
     check_world(acc.num_processes)
     model = models.load_base(job.base)
@@ -379,12 +412,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def yaml_mapping(path: str | Path) -> dict:
-    import yaml
+    """The EvalJob fields of a YAML file (safe_files.read_mapping: a damaged file is one line naming it)."""
+    from .safe_files import read_mapping
 
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of EvalJob fields, got {type(values).__name__}")
-    return values
+    return read_mapping(path, "a YAML file of EvalJob fields")
 
 
 def launch_eval(adapter: str | Path | None, config, out: str | Path, num_processes: int = 1,
@@ -419,8 +450,9 @@ def launched_scores(models: dict[str, str | Path | None], config, out_dir: str |
     frames = []
     for i, (name, adapter) in enumerate(models.items()):
         cached = Path(cache_dir) / f"launched_{launched_key(adapter, config)}.csv" if cache_dir else None
-        if cached is not None and cached.exists():
-            frames.append(read_scores(cached).assign(model=name))
+        reused = cached_scores(cached) if cached is not None else None
+        if reused is not None:
+            frames.append(reused.assign(model=name))
             continue
         frames.append(launch_eval(adapter, config, Path(out_dir) / f"model{i}.csv", num_processes, accelerate_config,
                                   name=name))

@@ -25,7 +25,6 @@ so that every stage trains instead of resuming an earlier dry run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ from unittest import mock
 
 import yaml
 
-from . import runs
+from . import cli, runs
 from .rewards.real.pickscore_v1 import MODEL_ENV, PROCESSOR_ENV, tiny_clip
 from .rewards.real.server import DEQA_URL_ENV, GENEVAL_URL_ENV
 from .rewards.real.stub import toy_reward_servers
@@ -94,24 +93,26 @@ def dry_run(spec_path: str | Path, num_processes: int = 2, outputs: Path = runs.
                             outputs=outputs)
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("spec", help="a full-scale run spec, e.g. papermill_runs/sd35m.yaml")
-    parser.add_argument("--processes", type=int, default=2,
+    parser.add_argument("--processes", type=cli.count, default=2,
                         help="CPU ranks per training stage (torch.distributed.run); 1 trains in the notebook")
     parser.add_argument("-p", "--parameter", action="append", default=[], metavar="key=value",
                         help="override a spec parameter as the runner's -p does (e.g. -p trainer=nft)")
     parser.add_argument("--only", nargs="+", help="run only these stages (default: all)")
     args = parser.parse_args(argv)
-    parameters = {}
-    for item in args.parameter:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"-p {item!r}: write key=value, e.g. -p trainer=nft")
-        parameters[key] = yaml.safe_load(value)
+    parameters = dict(runs.parse_override(item) for item in args.parameter)
+    stages = [s["name"] for s in runs.load_spec(args.spec)["stages"]]  # before the stand-ins and the outputs
+    unknown = [name for name in args.only or [] if name not in stages]
+    if unknown:
+        raise cli.UserError(f"--only {unknown}: no such stage in {args.spec}; its stages: {stages}")
     start = time.time()
     try:
         run_dir = dry_run(args.spec, args.processes, parameters=parameters, only=args.only)
+    except runs.UsageError:
+        raise  # cli.entry: one line, exit status 2
     except runs.RunError as error:
         raise SystemExit(f"dry run failed: {error}") from None
     print(f"dry run of {args.spec} finished in {(time.time() - start) / 60:.1f} min; outputs in {run_dir}")

@@ -37,6 +37,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +47,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, rewards, rollout, stats
+from . import data, rewards, rollout, safe_files, stats
 from .models.base import FlowModel
 from .toy.grammar import GENEVAL_TAGS
 
@@ -173,8 +175,9 @@ def evaluate(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ...] = 
             cached = None
             if cache_dir is not None:
                 cached = Path(cache_dir) / f"{_cache_key(model_fingerprint, task, prompts, reward, protocol)}.json"
-                if cached.exists():
-                    row.update(json.loads(cached.read_text()))
+                entry = _cached(cached, lambda content: _is_metrics(content, task))
+                if entry is not None:
+                    row.update(entry)
                     continue
             images = rollout.generate(model, [p.text for p in prompts], steps=steps, cfg_scale=cfg_scale, seed=seed,
                                       shift=shift, batch_size=batch_size)
@@ -336,8 +339,10 @@ def sample_scores(models: FlowModel | dict[str, FlowModel], tasks: tuple[str, ..
             reward = (reward_for_task or {}).get(task)
             cached = None if cache_dir is None else \
                 Path(cache_dir) / f"{_cache_key(model_fingerprint, task, prompts, reward, protocol)}.json"
-            if cached is not None and cached.exists():
-                values = {k: np.asarray(v) for k, v in json.loads(cached.read_text()).items()}
+            shape = (samples_per_prompt, len(prompts))
+            entry = None if cached is None else _cached(cached, lambda content: _is_sample_values(content, task, shape))
+            if entry is not None:
+                values = {k: np.asarray(v) for k, v in entry.items()}
             else:
                 values = {}
                 for j in range(samples_per_prompt):
@@ -358,6 +363,36 @@ def score_rows(name: str, task: str, prompts: list, values: dict[str, np.ndarray
     return [pd.DataFrame({"model": name, "metric": metric, "prompt": range(len(prompts)), "sample": j,
                           "stratum": strata, "value": row})
             for metric, v in values.items() for j, row in enumerate(v)]
+
+
+def _cached(path: Path, sound: Callable[[dict], bool]) -> dict | None:
+    """A cache entry's content, or None (a miss) where there is none or it is damaged (empty, cut
+    off, not JSON, not of the shape written: `sound` says): a damaged entry is recomputed and
+    rewritten, with a one-line warning naming it."""
+    if not path.exists():
+        return None
+    try:
+        content = safe_files.read_json_object(path, "an evaluation cache entry")
+        if sound(content):
+            return content
+        problem = f"{path}: an evaluation cache entry not of the shape this evaluation writes"
+    except safe_files.FileError as error:
+        problem = re.sub(r"[;.]? *[Rr]estore it or delete it$", "", str(error))  # it is rewritten here instead
+    warnings.warn(f"damaged evaluation cache entry, recomputed and rewritten: {problem}", stacklevel=3)
+    return None
+
+
+def _is_metrics(content: dict, task: str) -> bool:
+    """`evaluate`'s entry: the task's metrics, each a number."""
+    return task in content and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in content.values())
+
+
+def _is_sample_values(content: dict, task: str, shape: tuple[int, int]) -> bool:
+    """`sample_scores`' entry: the task's metrics, each [samples, prompts] numbers."""
+    try:
+        return task in content and all(np.asarray(v, dtype=np.float64).shape == shape for v in content.values())
+    except (TypeError, ValueError):  # ragged lists, strings
+        return False
 
 
 def _write_atomically(path: Path, content) -> None:

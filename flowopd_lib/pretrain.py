@@ -211,6 +211,22 @@ def _initial_model(cfg: PretrainConfig) -> ToyFlowModel:
     return model
 
 
+def load_autoencoder(model: ToyFlowModel, path: Path) -> None:
+    """The autoencoder and latent statistics `pretrain` saved, weights only (a file asking to run code
+    is refused, as checkpoint.py does); a damaged or foreign file is a CheckpointError naming it."""
+    try:
+        state = checkpoint.load(path, restore_rng=False, map_location="cpu")  # torch.load(weights_only=True)
+        model.autoencoder.load_state_dict(state["autoencoder"])
+        model.latent_mean.copy_(state["latent_mean"]); model.latent_std.copy_(state["latent_std"])  # noqa: E702
+    except checkpoint.UnsafeCheckpointError:
+        raise  # names the file and the code it asked for
+    except Exception as error:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ...; a foreign dict KeyError
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        raise checkpoint.CheckpointError(
+            f"{path} is not a readable autoencoder checkpoint ({type(error).__name__}: {first_line}); it was not "
+            f"loaded. Delete it to train the autoencoder again, or resume=False to start the run afresh") from None
+
+
 def pretrain(cfg: PretrainConfig, eval_fn: Callable[[ToyFlowModel], dict] | None = None,
              resume: bool = True) -> ToyFlowModel:
     """Both phases into `cfg.out_dir`; the final (EMA) model is saved to `out_dir/model`."""
@@ -218,14 +234,11 @@ def pretrain(cfg: PretrainConfig, eval_fn: Callable[[ToyFlowModel], dict] | None
     model = _initial_model(cfg)
     out = Path(cfg.out_dir)
     ae_path = out / "autoencoder.pt"
+    resumed_ae = cfg.init_from is None and resume and ae_path.exists()
+    if resumed_ae:  # before the run opens: a damaged file changes nothing
+        load_autoencoder(model, ae_path)
     with Run(out, cfg, resume=resume) as run:
-        if cfg.init_from is not None:
-            pass  # the loaded model's autoencoder and latent statistics are kept
-        elif resume and ae_path.exists():
-            state = torch.load(ae_path)
-            model.autoencoder.load_state_dict(state["autoencoder"])
-            model.latent_mean.copy_(state["latent_mean"]); model.latent_std.copy_(state["latent_std"])  # noqa: E702
-        else:
+        if cfg.init_from is None and not resumed_ae:  # else: init_from's autoencoder, or the one loaded above
             train_autoencoder(model, cfg, run)
             torch.save({"autoencoder": model.autoencoder.state_dict(), "latent_mean": model.latent_mean,
                         "latent_std": model.latent_std}, ae_path)

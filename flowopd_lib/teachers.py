@@ -24,7 +24,7 @@ from pathlib import Path
 from . import adapters, cli, evaluation
 from . import train as train_module
 from .config import ConfigError
-from .safe_files import check_writable, read_csv, read_json_object, read_mapping, replace_directory
+from .safe_files import FileError, check_writable, read_csv, read_json_object, read_mapping, replace_directory
 from .trainer import MAY_CHANGE_ON_RESUME, config_changes, prepare_run_dir
 
 ASSETS = Path(__file__).parent / "assets" / "teachers"
@@ -358,22 +358,32 @@ def table(destination: Path = ASSETS) -> str:
     (± one standard error) and the teacher's paired change with its 95% bootstrap interval."""
     lines = []
     for task, directory in shipped(destination).items():
-        info = json.loads((directory / "adapter.json").read_text())
-        m = info["metrics"]
-        protocol = m["protocol"]
-        lines += [f"### {task} teacher ({info['trainer']}, {info.get('updates')} updates, "
-                  f"{info.get('train_minutes')} min)", "",
-                  f"`{info['command']}`; protocol: CFG {protocol['cfg_scale']:g}, {protocol['steps']} ODE steps, "
-                  f"{protocol['n_prompts']} test prompts x {protocol['samples_per_prompt']} samples, seed {protocol['seed']}",
-                  "", f"shipping bar: {task} >= base + {SHIP_BARS[task]:g}: "
-                  f"{'cleared' if m['change'][task]['diff'] >= SHIP_BARS[task] else 'missed'}",
-                  "", "| metric | base | teacher | change [95% CI] |", "|---|---|---|---|"]
-        for metric, change in m["change"].items():
-            lines.append(f"| {metric} | {m['base'][metric]:.3f} ± {m['base'][metric + '_se']:.3f} | "
-                         f"{m['teacher'][metric]:.3f} ± {m['teacher'][metric + '_se']:.3f} | "
-                         f"{change['diff']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}] |")
-        lines.append("")
+        info = read_json_object(directory / "adapter.json", "a shipped teacher's record")
+        try:
+            lines += _table_rows(task, info)
+        except (KeyError, TypeError, ValueError) as error:  # a record without metrics, or of another shape
+            raise FileError(f"{directory / 'adapter.json'} is not a complete shipped teacher's record ("
+                            f"{type(error).__name__}: {error}): ship the teacher again with `python -m "
+                            f"flowopd_lib.teachers ship {task} --run RUN --force`") from None
     return "\n".join(lines) if lines else "no teacher shipped yet\n"
+
+
+def _table_rows(task: str, info: dict) -> list[str]:
+    """`table`'s lines of one shipped teacher from its adapter.json."""
+    m = info["metrics"]
+    protocol = m["protocol"]
+    lines = [f"### {task} teacher ({info['trainer']}, {info.get('updates')} updates, "
+             f"{info.get('train_minutes')} min)", "",
+             f"`{info['command']}`; protocol: CFG {protocol['cfg_scale']:g}, {protocol['steps']} ODE steps, "
+             f"{protocol['n_prompts']} test prompts x {protocol['samples_per_prompt']} samples, seed {protocol['seed']}",
+             "", f"shipping bar: {task} >= base + {SHIP_BARS[task]:g}: "
+             f"{'cleared' if m['change'][task]['diff'] >= SHIP_BARS[task] else 'missed'}",
+             "", "| metric | base | teacher | change [95% CI] |", "|---|---|---|---|"]
+    for metric, change in m["change"].items():
+        lines.append(f"| {metric} | {m['base'][metric]:.3f} ± {m['base'][metric + '_se']:.3f} | "
+                     f"{m['teacher'][metric]:.3f} ± {m['teacher'][metric + '_se']:.3f} | "
+                     f"{change['diff']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}] |")
+    return lines + [""]
 
 
 @cli.entry

@@ -49,6 +49,7 @@ from .config import Config, ConfigError, param
 from .distributed import Collectives
 from .distributed_eval import EvalConfig
 from .models.base import FlowModel
+from .rewards import conflict
 from .safe_files import read_mapping
 from .tasks import TASKS
 from .tracking import Run
@@ -310,6 +311,7 @@ class OnPolicyTrainer:
         if prompt_source is None:
             cfg.check_prompt_files()  # before the first rollout asks for them
         self.cfg, self.eval_fn = cfg, eval_fn
+        conflict.use(cfg.conflict)  # the run's world: rewards and evaluations read the dial from here on
         self.prompt_source = prompt_source or (lambda task, n, seed: data.prompts(task, n, "train", seed, cfg.prompt_root))
         self.acc = accelerator or Accelerator()
         self.dist = Collectives(self.acc)

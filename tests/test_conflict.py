@@ -122,3 +122,32 @@ def test_a_setting_without_a_proxy_names_the_command_that_trains_one():
     with conflict.setting(0.123):
         with pytest.raises(UserError, match=r"no PickScore proxy for conflict=0\.123.*--conflict 0\.123"):
             rewards.score("pickscore", torch.rand(1, 3, 32, 32), read_prompts("pickscore", "test")[:1])
+
+
+def test_a_config_at_a_setting_without_a_proxy_is_refused_before_any_compute():
+    from flowopd_lib.config import ConfigError
+    from flowopd_lib.grpo import GRPOConfig
+
+    with pytest.raises(ConfigError, match=r"GRPOConfig\.conflict=0\.123: .*--conflict 0\.123"):
+        GRPOConfig(conflict=0.123)
+    assert GRPOConfig().conflict == 0
+
+
+def test_the_trainer_and_the_evaluation_job_take_the_dial_from_their_config(tmp_path, monkeypatch):
+    from flowopd_lib import distributed_eval
+    from flowopd_lib.grpo import GRPOConfig, GRPOTrainer
+    from tiny import tiny_model
+
+    # any setting's proxy: the shipped one stands in (this test is about who sets the dial)
+    monkeypatch.setattr(pickscore, "weights_dir", lambda setting=None: pickscore.WEIGHTS_DIR)
+    try:
+        cfg = GRPOConfig(conflict=0.25, datasets={"pickscore": 1.0}, rewards={"pickscore": 1.0}, prompts_per_update=2, group_size=2,
+                         sde_steps=2, updates=0, out_dir=str(tmp_path / "run"))
+        GRPOTrainer(tiny_model(), cfg)
+        assert conflict.get() == 0.25
+        assert "conflict: 0.25" in cfg.to_yaml()  # written in the run's config
+        job = distributed_eval.EvalJob(conflict=0.75, eval_tasks=("ocr",), eval_prompts=2, eval_steps=2)
+        distributed_eval.evaluate_on_ranks(tiny_model(), job)
+        assert conflict.get() == 0.75
+    finally:
+        conflict.use(0.0)

@@ -2,19 +2,21 @@
 import pytest
 import yaml
 
+from flowopd_lib.cli import UserError
 from flowopd_lib.diagnostics import compare
 
 
-def test_rows_of_joins_every_summary_table_and_unknown_rows_are_named(tmp_path):
+def test_rows_of_joins_every_summary_table_and_unknown_rows_are_named(tmp_path, capsys):
     params = {"main": {"base": None, "student": "s/adapter"}, "mar": {"no MAR": "n/adapter"},
               "merges": {"delta": "m"}, "seed": 0}
     assert compare.rows_of(params) == {"base": None, "student": "s/adapter", "no MAR": "n/adapter", "delta": "m"}
     (tmp_path / "summary").mkdir()
     (tmp_path / "summary" / "parameters.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(SystemExit, match=r"no row\(s\) \['studnet'\].*rows: \['base', 'delta', 'no MAR', 'student'\]"):
+    with pytest.raises(UserError, match=r"no row\(s\) \['studnet'\].*rows: \['base', 'delta', 'no MAR', 'student'\]"):
         compare.paired(tmp_path, ["studnet"], "base")
-    with pytest.raises(SystemExit, match="at least two rows"):
+    with pytest.raises(SystemExit) as exit_:
         compare.main([str(tmp_path), "base"])
+    assert exit_.value.code == 2 and "at least two rows" in capsys.readouterr().err
 
 
 def test_rows_of_another_run_join_only_under_the_same_protocol():
@@ -23,9 +25,9 @@ def test_rows_of_another_run_join_only_under_the_same_protocol():
     mix = {**protocol, "eval_samples": 1, "main": {"base": None, "teacher": "t", "Mix": "m"}}
     assert compare.joined_rows({"study": study, "mix": mix}) == {"base": None, "teacher": "t", "student": "s",
                                                                  "Mix": "m"}
-    with pytest.raises(SystemExit, match=r"mix was evaluated under another protocol.*'eval_cfg': \(1.0, 3.0\)"):
+    with pytest.raises(UserError, match=r"mix was evaluated under another protocol.*'eval_cfg': \(1.0, 3.0\)"):
         compare.joined_rows({"study": study, "mix": {**mix, "eval_cfg": 3.0}})
-    with pytest.raises(SystemExit, match=r"row 'teacher' is t in study but other in mix, and their weights differ"):
+    with pytest.raises(UserError, match=r"row 'teacher' is t in study but other in mix, and their weights differ"):
         compare.joined_rows({"study": study, "mix": {**mix, "main": {"teacher": "other"}}})
 
 

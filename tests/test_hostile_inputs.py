@@ -13,6 +13,7 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -269,3 +270,124 @@ def test_a_full_disk_leaves_the_old_files_whole(tmp_path, capsys, assets, monkey
     said = refused(capsys, teachers.main, ["ship", "geneval", "--run", str(run), "--force"])
     assert "No space left on device" in said and str(assets / "geneval") in said
     assert snapshot(tmp_path) == before  # and nothing half-written left beside the targets
+
+
+# ----------------------------------------------------------------------------- damaged caches, records and specs
+
+EVALUATE_DAMAGE = {"empty": b"", "cut off": b'{"pickscore": 0.', "not text": b"\x80\x04\x95 a pickle",
+                   "a list": b"[0.5, 0.5]", "a string for a number": b'{"pickscore": "high"}',
+                   "another task's metrics": b'{"ocr": 0.5}'}
+SAMPLE_SCORES_DAMAGE = {**EVALUATE_DAMAGE, "another shape": b'{"pickscore": [[0.5]]}',
+                        "a number for the samples": b'{"pickscore": 0.5}'}
+
+
+@pytest.mark.parametrize("kind", ["evaluate", "sample_scores"])
+def test_a_damaged_evaluation_cache_entry_is_recomputed_with_a_warning(tmp_path, monkeypatch, kind):
+    """The evaluation cache is a cache: an entry cut off, emptied or of another shape is a miss (one
+    warning line naming it), measured anew and rewritten, never a JSON traceback or a wrong row."""
+    from flowopd_lib import evaluation, rollout
+
+    model = tiny_model()
+    protocol = dict(tasks=("pickscore",), n_prompts=4, steps=2, cfg_scale=1.0, seed=1, cache_dir=tmp_path / "cache")
+    measure = getattr(evaluation, kind)
+    first = measure(model, **protocol)
+    (entry,) = (tmp_path / "cache").glob("*.json")
+    written = entry.read_bytes()
+    calls = []
+    generate = rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    for name, damage in (EVALUATE_DAMAGE if kind == "evaluate" else SAMPLE_SCORES_DAMAGE).items():
+        entry.write_bytes(damage)
+        with pytest.warns(UserWarning) as warned:
+            again = measure(model, **protocol)
+        said = [str(w.message) for w in warned if "cache" in str(w.message)]
+        assert len(said) == 1 and str(entry) in said[0] and "\n" not in said[0], (name, said)
+        assert len(calls) == 1, name  # measured anew, once
+        calls.clear()
+        pd.testing.assert_frame_equal(again, first)
+        assert entry.read_bytes() == written, name  # and rewritten
+    measure(model, **protocol)  # a sound entry: read back, nothing sampled
+    assert not calls
+
+
+def test_a_damaged_launched_evaluation_cache_is_a_miss(tmp_path):
+    from flowopd_lib import distributed_eval
+
+    sound = pd.DataFrame({"model": ["m"], "metric": ["ocr"], "prompt": [0], "sample": [0], "stratum": ["ocr"],
+                          "value": [0.5]})
+    path = tmp_path / "launched_x.csv"
+    assert distributed_eval.cached_scores(path) is None  # none yet
+    distributed_eval.write_csv_atomically(sound, path)
+    pd.testing.assert_frame_equal(distributed_eval.cached_scores(path), sound)
+    for damage in (b"", b"\x80\x04\x95", b"model,metric\nm,ocr\n", b"model,metric,prompt,sample,stratum,value\nm,ocr,0,0,ocr,high\n"):
+        path.write_bytes(damage)
+        with pytest.warns(UserWarning, match=f"cached scores {path} are damaged"):
+            assert distributed_eval.cached_scores(path) is None
+
+
+GARBAGE_YAML = {"cut off": "stages: [{name: teacher\n", "a list": "- stages\n- name\n", "not text": b"\x80\x04\x95",
+                "builds an object": "!!python/object/apply:os.mkdir [\"{marker}\"]\n"}
+
+
+@pytest.mark.parametrize("damage", list(GARBAGE_YAML))
+@pytest.mark.parametrize("command", ["distributed_eval", "dryrun"])
+def test_a_garbage_yaml_is_one_line_and_changes_nothing(tmp_path, marker, capsys, monkeypatch, command, damage):
+    from flowopd_lib import distributed_eval, dryrun, models
+
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("a model loaded before the job was read"))
+    monkeypatch.setattr(dryrun, "build_standins", lambda *a, **k: pytest.fail("stand-ins built before the spec was read"))
+    adapter = adapter_folder(tmp_path / "adapter")
+    path = tmp_path / "job.yaml"
+    content = GARBAGE_YAML[damage]
+    path.write_bytes(content if isinstance(content, bytes) else content.replace("{marker}", str(marker)).encode())
+    argv = {"distributed_eval": (distributed_eval.main, [str(adapter), str(path), "--out", str(tmp_path / "s.csv")]),
+            "dryrun": (dryrun.main, [str(path)])}
+    before = snapshot(tmp_path)
+    said = refused(capsys, *argv[command])
+    assert str(path) in said, said
+    assert snapshot(tmp_path) == before
+
+
+def test_a_damaged_shipped_teacher_record_is_named(tmp_path):
+    """teachers.table reads each shipped teacher's adapter.json: damaged or without its metrics, the
+    error names the file (and how to ship it again), not a JSON or KeyError traceback."""
+    info = shipped_teacher(tmp_path / "assets", "geneval") / "adapter.json"
+    for damage, named in [(b'{"metrics": {"base"', "JSON"), (b"", "empty"), (b"[]", "object"),
+                          (b'{"task": "old"}', "ship")]:
+        info.write_bytes(damage)
+        with pytest.raises(safe_files.FileError) as error:
+            teachers.table(tmp_path / "assets")
+        assert str(info) in str(error.value) and named in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "bare pickle", "cut off"])
+def test_a_crafted_or_damaged_autoencoder_is_refused_on_resume(tmp_path, marker, monkeypatch, how):
+    """pretrain resumes its autoencoder from autoencoder.pt: weights only (a crafted pickle runs
+    nothing), and a damaged file is a CheckpointError naming it, before the run is opened."""
+    from flowopd_lib.checkpoint import CheckpointError
+    from flowopd_lib.pretrain import PretrainConfig, pretrain
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "run"
+    out.mkdir()
+    ae = out / "autoencoder.pt"
+    ae.write_bytes(b"PK\x03\x04 cut" if how == "cut off" else crafted_pickle(marker, how))
+    before = snapshot(tmp_path)
+    cfg = PretrainConfig(size="tiny", ae_steps=1, ae_batch=4, batch=4, steps=1, out_dir=str(out))
+    with pytest.raises(CheckpointError) as error:
+        pretrain(cfg, resume=True)
+    said = str(error.value)
+    assert str(ae) in said and "\n" not in said, said
+    assert snapshot(tmp_path) == before
+
+
+def test_gpu_checks_spec_is_read_safely(tmp_path, marker):
+    from flowopd_lib.diagnostics import gpu_check
+
+    spec = tmp_path / "sd35m.yaml"
+    for damage, named in [("shared: {lr: 1\n", "YAML"), ("- a list\n", "mapping"),
+                          (f'!!python/object/apply:os.mkdir ["{marker}"]\n', "builds an object")]:
+        spec.write_text(damage)
+        with pytest.raises(safe_files.FileError) as error:
+            gpu_check.sd35m_spec(spec)
+        assert str(spec) in str(error.value) and named in str(error.value), str(error.value)

@@ -26,7 +26,6 @@ costs what a base forward does, peft's per-sample routing of one mixed batch cos
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .. import adapters
+from .. import adapters, cli
 from ..awm import AWMConfig, AWMTrainer
 from ..grpo import GRPOConfig, GRPOTrainer
 from ..nft import NFTConfig, NFTTrainer
@@ -147,17 +146,21 @@ def report(results: dict, args) -> None:
         print(f"  {name:<36}{seconds:>7.3f}")
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..models import BASES, SD3_BASES
+
+    parser = cli.parser(__doc__)
     parser.add_argument("--base", default="toy", help="'toy' (shipped base), 'tiny' (random) or a model directory")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, one update per trainer each")
-    parser.add_argument("--prompts", type=int, default=6, help="prompts per update")
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="sampling steps per trajectory")
+    parser.add_argument("--repeats", type=cli.count, default=5, help="timed rounds, one update per trainer each")
+    parser.add_argument("--prompts", type=cli.count, default=6, help="prompts per update")
+    parser.add_argument("--group-size", type=cli.count, default=8)
+    parser.add_argument("--steps", type=cli.count, default=10, help="sampling steps per trajectory")
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    known = ["tiny", *BASES, *SD3_BASES]
+    if args.base not in known and not Path(args.base).is_dir() and not args.base.startswith("stabilityai/"):
+        raise cli.UserError(f"--base {args.base}: no such base; give one of {known}, a model folder or a hub id")
     with tempfile.TemporaryDirectory() as tmp:
         trainers = build_trainers(args, Path(tmp))
         rounds = timed_rounds(trainers, args.repeats)

@@ -14,11 +14,11 @@ teacher's budget, from its own spec, against the study's students); a differing 
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
 
+from .. import cli
 from ..safe_files import read_mapping
 
 TABLES = ("main", "seesaw", "mar", "estimators", "merges")
@@ -42,7 +42,7 @@ def protocol_of(params: dict) -> dict:
 
 
 def joined_rows(params_by_run: dict[str, dict]) -> dict[str, str | None]:
-    """The rows of several runs' summaries, refused (SystemExit) unless every run used the first's
+    """The rows of several runs' summaries, refused (cli.UserError) unless every run used the first's
     protocol and a label shared by two runs names the same adapter in both."""
     (first, first_params), *others = params_by_run.items()
     rows, origin = dict(rows_of(first_params)), dict.fromkeys(rows_of(first_params), first)
@@ -51,11 +51,11 @@ def joined_rows(params_by_run: dict[str, dict]) -> dict[str, str | None]:
         protocol = protocol_of(params)
         differ = {k: (v, protocol[k]) for k, v in expected.items() if protocol[k] != v}
         if differ:
-            raise SystemExit(f"error: {run} was evaluated under another protocol than {first} "
+            raise cli.UserError(f"{run} was evaluated under another protocol than {first} "
                              f"({{key: (value in {first}, value in {run})}}: {differ}); its rows are not paired with the first run's")
         for label, adapter in rows_of(params).items():
             if label in rows and not same_adapter(rows[label], adapter):
-                raise SystemExit(f"error: row {label!r} is {rows[label]} in {origin[label]} but {adapter} in {run}, "
+                raise cli.UserError(f"row {label!r} is {rows[label]} in {origin[label]} but {adapter} in {run}, "
                                  "and their weights differ")
             rows.setdefault(label, adapter)
             origin.setdefault(label, run)
@@ -91,7 +91,7 @@ def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage
     unknown = [label for label in [*labels, reference] if label not in rows]
     if unknown:
         runs = " + ".join(f"{run}/{summary_stage}" for run in params_by_run)
-        raise SystemExit(f"error: no row(s) {unknown} in {runs}; rows: {sorted(rows)}")
+        raise cli.UserError(f"no row(s) {unknown} in {runs}; rows: {sorted(rows)}")
     protocol = protocol_of(params)
     model = models.load_base(protocol["base"])
     views = {}
@@ -106,8 +106,9 @@ def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage
     return pd.concat({label: evaluation.compare(scores, label, reference) for label in labels})
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("run_dir", help="a run's output folder, e.g. papermill_runs/outputs/toy_full")
     parser.add_argument("rows", nargs="+", help="row labels of the summary's tables; the last is the reference")
     parser.add_argument("--summary-stage", default="summary")
@@ -115,7 +116,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="also the rows of this run (same evaluation protocol); repeatable")
     args = parser.parse_args(argv)
     if len(args.rows) < 2:
-        raise SystemExit("error: name at least two rows: the compared row(s), then the reference")
+        raise cli.UserError("name at least two rows: the compared row(s), then the reference")
+    for run in (args.run_dir, *args.other_runs):
+        if not Path(run).is_dir():
+            raise cli.UserError(f"{run}: no such run folder (the outputs of a run spec, e.g. "
+                                "papermill_runs/outputs/toy_full)")
     table = paired(args.run_dir, args.rows[:-1], args.rows[-1], args.summary_stage, tuple(args.other_runs))
     print(f"row - {args.rows[-1]!r}, paired 95% bootstrap interval:\n")
     print(table.round(3).to_markdown())

@@ -52,7 +52,6 @@ reachable from here), see SD35M_TRANSFORMER; with weights at hand, compare it wi
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import gc
@@ -71,7 +70,7 @@ from typing import Callable
 
 import torch
 
-from .. import adapters, checkpoint, estimate as estimate_module, precision, rollout
+from .. import adapters, checkpoint, cli, estimate as estimate_module, precision, rollout
 from ..grpo import GRPOConfig, GRPOTrainer
 from ..models import SD3_MAX_SEQUENCE_LENGTH
 from ..models.sd3 import SD35_MEDIUM_SHIFT, SD3FlowModel, _tiny_clip, _tiny_clip_tokenizer, _tiny_t5_tokenizer
@@ -754,9 +753,9 @@ class Stage:
 
 
 def sd35m_spec(path: Path = SD35M_YAML) -> dict:
-    import yaml
+    from ..safe_files import read_mapping
 
-    return yaml.safe_load(Path(path).read_text())
+    return read_mapping(path, "a run spec")
 
 
 def parse_overrides(overrides) -> dict:
@@ -1159,11 +1158,12 @@ def spec_from_args(args) -> Spec:
     return dataclasses.replace(spec, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the CPU variant: 2 narrow layers at 32 px, small batches")
-    parser.add_argument("--layers", type=int, help="MMDiT layers (default: 24, or 2 with --tiny)")
-    parser.add_argument("--resolution", type=int, help="image side in pixels, a multiple of 16 (default: 512, or 32)")
+    parser.add_argument("--layers", type=cli.count, help="MMDiT layers (default: 24, or 2 with --tiny)")
+    parser.add_argument("--resolution", type=cli.count, help="image side in pixels, a multiple of 16 (default: 512, or 32)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="train with gradient checkpointing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/gpu_check", help="directory for table.md and results.json")
@@ -1177,6 +1177,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --costs: the time of one sample-forward at 512 px, e.g. the GPU check's "
                         "batch-24 row (default: its FLOPs at ASSUMED_TFLOPS)")
     args = parser.parse_args(argv)
+    if args.resolution and args.resolution % 16:
+        raise cli.UserError(f"--resolution {args.resolution} is not a multiple of 16 (the VAE's 8x times the 2x2 "
+                            f"patches): e.g. {max(16, args.resolution // 16 * 16)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise cli.UserError(f"--out {args.out} is a file: name a folder for table.md and results.json")
     if (args.fewer_gpus or args.update_docs) and not args.costs:
         parser.error("--fewer-gpus and --update-docs go with --costs")
     if args.update_docs:

@@ -27,16 +27,16 @@ with the same updates.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import difflib
 import itertools
 import json
 import re
 from pathlib import Path
 
 import torch
-import yaml
 
-from .. import adapters, coldstart, data, models, rewards, rollout, toy
+from .. import adapters, cli, coldstart, data, models, rewards, rollout, toy
 from ..grpo import GRPOConfig, GRPOTrainer
 from ..opd import OPDConfig, OPDTrainer
 
@@ -236,17 +236,30 @@ def gradient_line_search(reward: str, batches: int = 16, step_lrs: tuple[float, 
     return table
 
 
+@cli.entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("experiment", choices=("train", "cosine", "distill", "linesearch"))
     parser.add_argument("reward", nargs="?", choices=sorted(TASK_OF), help="train, cosine, linesearch: the reward")
-    parser.add_argument("--updates", type=int, default=20)
-    parser.add_argument("--batches", type=int, default=4, help="cosine, linesearch: independent batches")
+    parser.add_argument("--updates", type=cli.count, default=20)
+    parser.add_argument("--batches", type=cli.count, default=4, help="cosine, linesearch: independent batches (2 or more)")
     parser.add_argument("--out", default=None, help="train: run directory (default runs/probe_<reward>)")
     parser.add_argument("-c", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config field, e.g. -c lr=0.01 -c minibatches=1 -c beta=0 (distill: of the student)")
     args = parser.parse_args(argv)
-    overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.overrides)}
+    overrides = dict(cli.key_value(item, "-c") for item in args.overrides)
+    config_cls = OPDConfig if args.experiment == "distill" else GRPOConfig  # distill: -c sets the student's
+    fields = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = [key for key in overrides if key not in fields]
+    if unknown:
+        hints = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
+        said = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
+        raise cli.UserError(f"-c {said}: not {config_cls.__name__} field(s); its fields: {fields}")
+    if args.experiment in ("cosine", "linesearch") and args.batches < 2:
+        raise cli.UserError(f"--batches {args.batches}: {args.experiment} compares the gradients of several batches; "
+                            "give 2 or more")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise cli.UserError(f"--out {args.out} is a file: name a folder")
     if args.experiment == "distill":
         table = distill(args.out or "runs/probe_distill", args.updates, **overrides)  # -c: the student's fields
         print(table.round(3).to_string())
