@@ -259,6 +259,17 @@ class Config:
             return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return _plain(dataclasses.asdict(self))
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The declared default of each field that has one, as a saved config.yaml holds it."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not _MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not _MISSING:
+                values[f.name] = f.default_factory()
+        return yaml.safe_load(yaml.safe_dump(_plain(values), sort_keys=False))
+
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:

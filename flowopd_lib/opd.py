@@ -15,17 +15,31 @@ what the base's does); then one of these objectives is minimised on the trained 
                    because the per-step KL depends on the state only, not on the sampled action)
     pg_logratio    clipped PG with the sampled-action reward log pi_teacher - log pi_student
                    (LLM on-policy distillation), optionally summed to go
+    mean_match     DiffusionOPD (arXiv 2605.15055): 0.5 ||mu_student - mu_teacher||^2, the squared gap
+                   of the two step means with the variance factored out (= std^2 x the KL: the
+                   KL's gradient direction at each step, steps re-weighted by std^2); on ODE rollouts
+                   (`rollout: ode`) the means are the Euler steps, 0.5 dt^2 ||v_student - v_teacher||^2
+    no_teacher     the no-teacher control ("Does On-Policy Distillation Really Distill?", arXiv
+                   2608.31046): clipped PG with one fixed negative advantage for every sampled action
+                   in place of the teacher's signal; no teacher forward at all, so what it gains is
+                   not the teacher's
 
 plus MAR: lambda * w(s) ||v_student - v_anchor||^2 on every sample (anchor = the base or an adapter).
+Two settings apply to the objectives that label only the trained steps: `rollout` ('sde', or 'ode':
+deterministic student trajectories, for the objectives without a PPO ratio) and `supervised_steps`
+(DanceOPD, arXiv 2606.27377: teacher labels and loss terms at a subset of the trained steps, e.g. one
+low-noise step, 'last:1'; default 'all').
 Every objective is a pure function below, shape-documented and unit-tested, and one entry of the
 registry `OBJECTIVES` (name -> `Objective`: that loss and what the trainer must compute for it: teacher
-labels at every SDE step or only the trained ones, the sampled action's PPO ratio, per-step
-advantages at labelling). The trainer consults the registry; it never compares objective names.
+labels at every SDE step, only the supervised ones, or none; the sampled action's PPO ratio; the
+step-mean gap; per-step advantages at labelling). The trainer consults the registry; it never compares
+objective names.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Callable, Sequence
 
 import torch
@@ -103,6 +117,74 @@ def logratio_advantages(teacher_log_probs: torch.Tensor, student_log_probs: torc
     return reward_to_go(r, include_current=True) if to_go else r
 
 
+def mean_weight(sigma, sigma_next, noise_level: float) -> torch.Tensor:
+    """`m(s)` such that 0.5 ||mu_a - mu_b||^2 = m(s) ||v_a - v_b||^2 for the step means of two velocities
+    at one state: the means differ by (1 + sig^2 (1 - s) / (2 s)) dt (v_a - v_b), so
+
+        m(s) = dt^2 / 2 * (1 + sig^2 (1 - s) / (2 s))^2        (noise_level 0, the ODE's Euler step: dt^2 / 2)
+
+    Both steps have the variance std^2 = sig^2 |dt|, so m(s) = std^2 * flow.kl_weight. Below s = 1,
+    sig^2 (1 - s) / (2 s) = a^2 / 2 whatever s: m(s) = dt^2 (1 + a^2/2)^2 / 2. Shaped like sigma."""
+    s = torch.as_tensor(sigma, dtype=torch.float32)
+    s_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=s.device)
+    sig = flow.sde_sigma(s, s_next, noise_level)
+    return (s_next - s) ** 2 / 2 * (1 + sig ** 2 * (1 - s) / (2 * s)) ** 2
+
+
+def mean_matching(v: torch.Tensor, v_target: torch.Tensor, x: torch.Tensor, sigma, sigma_next,
+                  noise_level: float) -> torch.Tensor:
+    """DiffusionOPD's per-step mean matching [B] at states x [B, ...] (velocities shaped like x, sigma a
+    scalar or [B]): 0.5 ||mu(v) - mu(v_target)||^2 summed over dimensions, mu the mean of the step at
+    `noise_level` (0: the ODE's Euler step x + dt v) = `mean_weight` * ||v - v_target||^2."""
+    if v.shape != x.shape or v_target.shape != x.shape:
+        raise ValueError(f"velocity shapes {tuple(v.shape)}, {tuple(v_target.shape)} must equal x's {tuple(x.shape)}")
+    m = mean_weight(sigma, sigma_next, noise_level).to(x.device)
+    m = m.view(-1, *([1] * (x.ndim - 1))) if m.ndim else m
+    return (m * (v.float() - v_target.float()) ** 2).flatten(1).sum(1)
+
+
+def mean_match_loss(kl: torch.Tensor, mean_gap: torch.Tensor) -> torch.Tensor:
+    """`mean_match`: minimise the step-mean gap [B] (`mean_matching`) directly; the KL [B] is only reported."""
+    return mean_gap
+
+
+def fixed_advantages(batch: int, steps: int, value: float) -> torch.Tensor:
+    """Advantages [B, T] of `no_teacher`: `value` (< 0) for every sample and step, whatever the teacher."""
+    return torch.full((batch, steps), float(value))
+
+
+def no_teacher_loss(kl: torch.Tensor | None, log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float,
+                    advantage: torch.Tensor) -> torch.Tensor:
+    """`no_teacher`: PPO-clipped ratio [B] of the sampled action with the fixed advantage [B]
+    (`fixed_advantages`); `kl` is None (no teacher labels) and unused either way."""
+    return ppo_clip_loss(log_prob, old_log_prob, advantage, clip_range)[0]
+
+
+SUPERVISED_STEPS = re.compile(r"(first|last|one):(-?[0-9]+)")
+
+
+def supervised_step_indices(spec: str, trained_steps: int) -> list[int]:
+    """The trained steps (indices < trained_steps) that get teacher labels and a loss term:
+    'all'; 'first:k' / 'last:k', the k highest- / lowest-noise ones; 'one:i', step i alone (a negative
+    i counts from the last). A ValueError names the value and the forms."""
+    n = trained_steps
+    forms = (f"use 'all', 'first:k', 'last:k' (1 <= k <= {n}, the trained steps) or 'one:i' "
+             f"(0 <= i < {n}; a negative i counts from the last)")
+    if spec == "all":
+        return list(range(n))
+    match = SUPERVISED_STEPS.fullmatch(spec)
+    if match is None:
+        raise ValueError(f"supervised_steps={spec!r} is none of the forms: {forms}")
+    kind, k = match.group(1), int(match.group(2))
+    if kind == "first" and 1 <= k <= n:
+        return list(range(k))
+    if kind == "last" and 1 <= k <= n:
+        return list(range(n - k, n))
+    if kind == "one" and -n <= k < n:
+        return [k % n]
+    raise ValueError(f"supervised_steps={spec!r} is out of range for {n} trained steps: {forms}")
+
+
 # ----------------------------------------------------------------------------- the objectives
 
 def kl_rtg_labels(kls: torch.Tensor, traj: rollout.Trajectories, v_target: torch.Tensor, cfg) -> torch.Tensor:
@@ -121,23 +203,37 @@ def logratio_labels(kls: torch.Tensor, traj: rollout.Trajectories, v_target: tor
     return logratio_advantages(teacher_lp, student_lp, cfg.reward_to_go)
 
 
+def fixed_advantage_labels(kls: None, traj: rollout.Trajectories, v_target: None, cfg) -> torch.Tensor:
+    """`no_teacher`'s advantages [B, T], T the supervised steps: cfg.fixed_advantage everywhere (no
+    teacher labels: kls and v_target are None)."""
+    steps = len(supervised_step_indices(cfg.supervised_steps, cfg.trained_steps))
+    return fixed_advantages(len(traj), steps, cfg.fixed_advantage).to(traj.latents.device)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """One OPD objective: the pure per-step loss [B] it minimises and what the trainer computes for it.
 
-    `loss(kl, **inputs)` gets the step KL [B] and, where `ppo_ratio`, log_prob, old_log_prob (the
-    sampled action's log-prob now and at rollout) and clip_range; where `advantages`, also the
-    step's advantage [B] from labels["advantage"], which `advantages(kls, traj, v_target, cfg)`
-    computes once per update from the labelled steps' KLs [B, T] and teacher velocities."""
+    `loss(kl, **inputs)` gets the step KL [B] (None where not `teacher`) and, where `ppo_ratio`,
+    log_prob, old_log_prob (the sampled action's log-prob now and at rollout) and clip_range; where
+    `mean_gap`, mean_gap [B] (`mean_matching` at the rollout's noise level); where `advantages`, also
+    the step's advantage [B] from labels["advantage"], which `advantages(kls, traj, v_target, cfg)`
+    computes once per update from the labelled steps' KLs [B, T] and teacher velocities (both None
+    where not `teacher`)."""
     loss: Callable[..., torch.Tensor]
     every_step: bool = False  # teacher labels at every SDE step, not only the trained ones (scores the
                               # whole trajectory, so it needs SDE steps throughout)
     ppo_ratio: bool = False   # uses the PPO likelihood ratio of the sampled action
     advantages: Callable[..., torch.Tensor] | None = None  # per-step advantages [B, T] at labelling
+    mean_gap: bool = False    # uses the squared gap of the student's and the teacher's step means
+    teacher: bool = True      # uses the teachers' velocities; False: a no-teacher control (no teacher forward)
 
     def __post_init__(self):
         if self.advantages is not None and not self.ppo_ratio:
             raise ValueError("an objective with advantages needs ppo_ratio: advantages weigh the PPO ratio")
+        if not self.teacher and (self.every_step or self.mean_gap):
+            raise ValueError("an objective without teacher labels can neither label every step nor match the "
+                             "teacher's step means")
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -148,6 +244,8 @@ OBJECTIVES: dict[str, Objective] = {
     "pg_detached": Objective(functools.partial(pg_kl_loss, detach=True), ppo_ratio=True),
     "pg_logratio": Objective(functools.partial(pg_advantage_loss, add_kl=False), every_step=True, ppo_ratio=True,
                              advantages=logratio_labels),
+    "mean_match": Objective(mean_match_loss, mean_gap=True),
+    "no_teacher": Objective(no_teacher_loss, ppo_ratio=True, advantages=fixed_advantage_labels, teacher=False),
 }
 
 
@@ -165,6 +263,13 @@ class OPDConfig(OnPolicyConfig):
     kl_scaling: str = param("exact", "'exact' Gaussian KL, the released per-dimension no-|dt| scale, or "
                             "'uniform' (squared velocity error, every step weighted the same: an ablation)",
                             choices=("exact", "released", "uniform"))
+    rollout: str = param("sde", "trajectories the student samples: 'sde' (Flow-OPD) or 'ode', deterministic Euler "
+                         "steps (DiffusionOPD's default), which have no log-probability: only for objectives "
+                         "without a PPO ratio ('kl', 'mean_match')", choices=("sde", "ode"))
+    supervised_steps: str = param("all", "the trained steps that get teacher labels and a loss term: 'all', "
+                                  "'first:k', 'last:k' or 'one:i' (DanceOPD supervises one low-noise step: 'last:1')")
+    fixed_advantage: float = param(-1.0, "objective 'no_teacher': the advantage of every sampled action (the "
+                                   "no-teacher control; negative pushes the sampled actions down)", range=(None, 0))
     reward_to_go: bool = param(False, "pg_logratio: credit each action with the rewards of the steps after it")
     clip_range: float = param(1e-4, "PPO ratio clip of the policy-gradient objectives", range=(0, 1))
     mar_lambda: float = param(0.02, "weight of Manifold Anchor Regularization (0 = off)", range=(0, None))
@@ -191,6 +296,19 @@ class OPDConfig(OnPolicyConfig):
         if self.ode_after_trained and OBJECTIVES[self.objective].every_step:
             raise ConfigError(f"objective={self.objective!r} scores every step of the trajectory, which needs SDE "
                               "steps throughout: set ode_after_trained=False or use objective 'kl'")
+        objective = OBJECTIVES[self.objective]
+        try:
+            supervised = supervised_step_indices(self.supervised_steps, self.trained_steps)
+        except ValueError as e:
+            raise ConfigError(f"{type(self).__name__}.{e}") from None
+        if objective.every_step and supervised != list(range(self.trained_steps)):
+            raise ConfigError(f"objective={self.objective!r} scores every step of the trajectory, so it supervises "
+                              f"every trained step: set supervised_steps='all' (not {self.supervised_steps!r}) or use "
+                              "objective 'kl' or 'mean_match'")
+        if self.rollout == "ode" and (objective.ppo_ratio or objective.every_step):
+            raise ConfigError(f"rollout='ode' samples deterministic steps, which have no log-probability, and "
+                              f"objective={self.objective!r} needs the PPO ratio of sampled SDE steps: use objective "
+                              "'kl' or 'mean_match', or rollout='sde'")
 
     def input_adapters(self) -> dict[str, str]:
         """The start adapter, each teacher and a MAR anchor that is an adapter folder."""
@@ -255,33 +373,58 @@ class OPDTrainer(OnPolicyTrainer):
         return sum(w / total * self.velocities_through(traj, steps, [teacher_name(t)] * len(traj))
                    for t, w in weights.items())
 
+    # -- rollout: SDE trajectories (the shared loop's), or deterministic ones
+    def sample_chunk(self, prompts: list, seeds: list[int], initial_seeds: list[int] | None):
+        """`rollout: sde`: the shared loop's SDE trajectories; `ode`: every step the Euler step of the
+        student's velocity (log-probs NaN: a deterministic step has no density)."""
+        cfg = self.cfg
+        if cfg.rollout == "sde":
+            return super().sample_chunk(prompts, seeds, initial_seeds)
+        return rollout.sample_trajectories(self.model, prompts, seeds, cfg.sde_steps, cfg.noise_level, cfg.cfg_scale,
+                                           cfg.shift, self.decode_rollouts, initial_seeds, sde_until=0)
+
     # -- labels: teacher/anchor velocities at the stored states, per-step KLs, advantages
     @property
     def objective(self) -> Objective:
         return OBJECTIVES[self.cfg.objective]
 
     @property
+    def supervised(self) -> list[int]:
+        """The trained steps with a loss term, MAR's included (`supervised_steps`; all by default)."""
+        return supervised_step_indices(self.cfg.supervised_steps, self.cfg.trained_steps)
+
+    @property
+    def labelled_steps(self) -> list[int]:
+        """Steps that get teacher labels: every SDE step where the objective sums over the whole
+        trajectory (which supervises every trained step), else the supervised ones. Column j of the
+        labels is step labelled_steps[j]; a supervised step k is column supervised.index(k) in both cases."""
+        return list(range(self.cfg.sde_steps)) if self.objective.every_step else self.supervised
+
+    @property
     def teacher_steps(self) -> int:
-        """Steps that get teacher labels: all of them where the objective sums over the whole trajectory."""
-        return self.cfg.sde_steps if self.objective.every_step else self.cfg.trained_steps
+        """How many steps get teacher labels (none for a no-teacher control)."""
+        return len(self.labelled_steps) if self.objective.teacher else 0
 
     @property
     def label_forwards_per_sample(self) -> int:
-        return self.teacher_steps + (self.cfg.trained_steps if self.cfg.mar_lambda > 0 else 0)
+        return self.teacher_steps + (len(self.supervised) if self.cfg.mar_lambda > 0 else 0)
 
     def label(self, traj: rollout.Trajectories, update: int):
         cfg = self.cfg
-        steps = self.teacher_steps
-        v_tgt = self.target_velocities(traj, range(steps))
-        labels = {"v_target": v_tgt, "weight": torch.ones(len(traj), device=self.acc.device)}
-        kls = torch.stack([step_kl(traj.velocities[:, k], v_tgt[:, k], traj.latents[:, k], traj.sigmas[k],
-                                   traj.sigmas[k + 1], cfg.noise_level, cfg.kl_scaling) for k in range(steps)], dim=1)
+        steps = self.labelled_steps
+        labels, kls, v_tgt = {}, None, None
+        if self.objective.teacher:
+            v_tgt = labels["v_target"] = self.target_velocities(traj, steps)
+            kls = torch.stack([step_kl(traj.velocities[:, k], v_tgt[:, j], traj.latents[:, k], traj.sigmas[k],
+                                       traj.sigmas[k + 1], cfg.noise_level, cfg.kl_scaling)
+                               for j, k in enumerate(steps)], dim=1)
+        labels["weight"] = torch.ones(len(traj), device=self.acc.device)
         if self.objective.advantages is not None:
             labels["advantage"] = self.objective.advantages(kls, traj, v_tgt, cfg)
         if cfg.mar_lambda > 0:
             anchor = None if cfg.anchor == "base" else self.ANCHOR
-            labels["v_anchor"] = self.velocities_through(traj, range(cfg.trained_steps), [anchor] * len(traj))
-        return labels, self.kl_metrics(traj, kls[:, :cfg.trained_steps])
+            labels["v_anchor"] = self.velocities_through(traj, self.supervised, [anchor] * len(traj))
+        return labels, ({} if kls is None else self.kl_metrics(traj, kls[:, :len(self.supervised)]))
 
     def kl_metrics(self, traj: rollout.Trajectories, kls: torch.Tensor) -> dict[str, float]:
         """teacher_kl/<task>: mean per-step KL of the rollout policy to each task's teacher, over
@@ -298,21 +441,40 @@ class OPDTrainer(OnPolicyTrainer):
                 for task in self.cfg.datasets if totals[f"{task}/count"] > 0}
 
     # -- the per-step objective
+    def loss_terms(self, part, labels: dict[str, torch.Tensor]):
+        """One term per supervised step. The shared loop normalises by cfg.trained_steps terms per
+        sample, so with a subset of n steps each term (loss and metrics) is scaled by trained_steps / n:
+        the update's loss and metrics are means over the supervised steps."""
+        steps = self.supervised
+        scale = self.cfg.trained_steps / len(steps)
+        for k in steps:
+            loss, metrics = self.step_loss(part, labels, k, self.policy_velocity(part, k))
+            if scale != 1:
+                loss, metrics = loss * scale, {name: value * scale for name, value in metrics.items()}
+            yield loss, metrics
+
     def step_loss(self, traj, labels, k, v):
         cfg = self.cfg
         x, s, s_next = traj.latents[:, k], traj.sigmas[k], traj.sigmas[k + 1]
-        kl = step_kl(v, labels["v_target"][:, k], x, s, s_next, cfg.noise_level, cfg.kl_scaling)
-        metrics, inputs = {"kl": kl.detach()}, {}
+        j = self.supervised.index(k)  # the column of step k in the labels
+        metrics, inputs, kl = {}, {}, None
+        if self.objective.teacher:
+            kl = step_kl(v, labels["v_target"][:, j], x, s, s_next, cfg.noise_level, cfg.kl_scaling)
+            metrics["kl"] = kl.detach()
+        if self.objective.mean_gap:
+            level = 0.0 if cfg.rollout == "ode" else cfg.noise_level  # the step the rollout took
+            inputs["mean_gap"] = mean_matching(v, labels["v_target"][:, j], x, s, s_next, level)
+            metrics["mean_gap"] = inputs["mean_gap"].detach()
         if self.objective.ppo_ratio:
             log_prob = flow.sde_step(v, x, s, s_next, cfg.noise_level, prev_sample=traj.latents[:, k + 1]).log_prob
             old = traj.log_probs[:, k]
             metrics["ratio_dev"] = (log_prob - old).detach().exp().sub(1).abs()
             inputs = {"log_prob": log_prob, "old_log_prob": old, "clip_range": cfg.clip_range}
         if self.objective.advantages is not None:
-            inputs["advantage"] = labels["advantage"][:, k]
+            inputs["advantage"] = labels["advantage"][:, j]
         loss = self.objective.loss(kl, **inputs)
         if cfg.mar_lambda > 0:
-            mar = step_kl(v, labels["v_anchor"][:, k], x, s, s_next, cfg.noise_level, cfg.kl_scaling)
+            mar = step_kl(v, labels["v_anchor"][:, j], x, s, s_next, cfg.noise_level, cfg.kl_scaling)
             loss = loss + cfg.mar_lambda * mar
             metrics["mar"] = mar.detach()
         return loss, metrics
@@ -331,6 +493,7 @@ def train_opd(cfg: OPDConfig, model: FlowModel | None = None, accelerator=None,
     return model
 
 
-__all__ = ["OBJECTIVES", "OPDConfig", "OPDTrainer", "Objective", "group_baseline", "kl_loss", "kl_rtg_advantages",
-           "kl_rtg_labels", "logratio_advantages", "logratio_labels", "pg_advantage_loss", "pg_kl_loss", "reward_to_go",
-           "step_kl", "train_opd"]
+__all__ = ["OBJECTIVES", "OPDConfig", "OPDTrainer", "Objective", "fixed_advantage_labels", "fixed_advantages",
+           "group_baseline", "kl_loss", "kl_rtg_advantages", "kl_rtg_labels", "logratio_advantages", "logratio_labels",
+           "mean_match_loss", "mean_matching", "mean_weight", "no_teacher_loss", "pg_advantage_loss", "pg_kl_loss",
+           "reward_to_go", "step_kl", "supervised_step_indices", "train_opd"]

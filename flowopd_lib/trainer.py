@@ -72,17 +72,20 @@ class ResumeError(ConfigError):
 # micro-batches, rollout chunks and gradient checkpointing give the same update).
 MAY_CHANGE_ON_RESUME = ("updates", "time_budget_minutes", "eval_every", "checkpoint_every", "out_dir",
                         "micro_batch", "rollout_chunks", "gradient_checkpointing",
-                        *(f.name for f in dataclasses.fields(EvalConfig)))
+                        # the evaluation protocol, but not the world's conflict dial: it changes the rewards
+                        *(f.name for f in dataclasses.fields(EvalConfig) if f.name != "conflict"))
 
 def config_changes(saved_path: Path, cfg, ignored=()) -> list[str]:
     """`field: old -> new` for each field of the config saved at `saved_path` (a run's config.yaml)
     that differs from `cfg`, fields in `ignored` aside."""
-    saved = read_mapping(saved_path, "a run's config")
+    # a field the saved config lacks was added after the run began: the run had its default
+    saved = {**type(cfg).defaults(), **read_mapping(saved_path, "a run's config")}
     current = yaml.safe_load(cfg.to_yaml())
     missing = object()
     return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
             for k in dict.fromkeys([*current, *saved])
             if k not in ignored and saved.get(k, missing) != current.get(k, missing)]
+
 
 
 def check_run_dir(cfg) -> None:

@@ -151,3 +151,21 @@ def test_the_trainer_and_the_evaluation_job_take_the_dial_from_their_config(tmp_
         assert conflict.get() == 0.75
     finally:
         conflict.use(0.0)
+
+
+def test_a_run_begun_before_the_dial_existed_resumes_and_the_dial_cannot_change_on_resume(tmp_path):
+    import yaml
+
+    from flowopd_lib.grpo import GRPOConfig
+    from flowopd_lib.trainer import ResumeError, check_run_dir
+
+    cfg = GRPOConfig(out_dir=str(tmp_path / "run"))
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_0000001").mkdir(parents=True)
+    old = {k: v for k, v in yaml.safe_load(cfg.to_yaml()).items() if k != "conflict"}  # written before the field
+    (out / "config.yaml").write_text(yaml.safe_dump(old))
+    check_run_dir(cfg)  # its default, 0, is what the run had
+    (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in old.items() if k != "beta"}))
+    check_run_dir(cfg)  # any field added since (here: as if beta were new) reads as its default
+    with pytest.raises(ResumeError, match=r"conflict: 0\.0 -> 0\.5"):
+        check_run_dir(cfg.replace(conflict=0.5))
