@@ -232,25 +232,27 @@ def efficiency(task: str, samples: int, eval_every_samples: int, out: str | Path
 
 
 def measure(task: str, adapter_dir: str | Path, n_prompts: int = 90, samples_per_prompt: int = 4,
-            tasks: tuple[str, ...] = evaluation.TASKS) -> dict:
+            tasks: tuple[str, ...] = evaluation.TASKS, conflict_setting: float | None = None) -> dict:
     """A teacher against the base on `tasks` under PROTOCOL (the same prompts and noise): each
     model's metrics with standard errors, and teacher minus base with a paired bootstrap 95% interval.
     Sample j of every prompt starts from the noise of seed + j, so fewer samples per prompt measure
     a subset of what more measure. Measured in the world it was trained in: the base and conflict
-    setting its adapter records (a teacher without a record: the base `toy`, setting 0)."""
+    setting its adapter records (a teacher without a record: the base `toy`, setting 0), or at
+    `conflict_setting` (a teacher whose rewards do not read the dial, measured in another setting)."""
     from . import models
     from .rewards import conflict
 
     recorded = adapters.metadata(adapter_dir).get("config", {})
     model = models.load_base(recorded.get("base", "toy"))
     adapters.load(model, adapter_dir, task)
-    with conflict.setting(recorded.get("conflict", 0.0)):
+    setting = recorded.get("conflict", 0.0) if conflict_setting is None else conflict_setting
+    with conflict.setting(setting):
         scores = evaluation.sample_scores({"base": adapters.view(model, None), task: adapters.view(model, task)},
                                           tasks=tasks, n_prompts=n_prompts, samples_per_prompt=samples_per_prompt,
                                           **PROTOCOL)
     table, change = evaluation.summarise(scores), evaluation.compare(scores, task, "base")
     return {"protocol": {**PROTOCOL, "n_prompts": n_prompts, "samples_per_prompt": samples_per_prompt},
-            "base_model": recorded.get("base", "toy"), "conflict": recorded.get("conflict", 0.0),
+            "base_model": recorded.get("base", "toy"), "conflict": setting,
             "base": table.loc["base"].to_dict(), "teacher": table.loc[task].to_dict(),
             "change": change.to_dict("index")}
 
