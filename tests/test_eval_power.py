@@ -29,3 +29,14 @@ def test_the_half_width_falls_with_prompts_and_samples():
         ["prompts", "samples"])["half_width"]
     assert table[(200, 1)] < table[(50, 1)] and table[(200, 8)] < table[(200, 1)]
     assert abs(table[(200, 1)] / table[(50, 1)] - 0.5) < 0.15  # ~1/sqrt(prompts)
+
+
+def test_each_task_is_sampled_on_its_test_file_once(monkeypatch):
+    # GenEval's draws repeat by design and other tasks refuse more than their file: ask for the file's size
+    from flowopd_lib.diagnostics import eval_power
+
+    asked = {}
+    monkeypatch.setattr(eval_power.evaluation, "sample_scores", lambda views, tasks, n_prompts, **k: asked.update({tasks[0]: n_prompts}))
+    for task in ("geneval", "ocr", "pickscore", "deqa"):
+        eval_power.sample_table(task, samples=1)
+    assert asked == {"geneval": 90, "ocr": 200, "pickscore": 200, "deqa": 200}

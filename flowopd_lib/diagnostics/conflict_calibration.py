@@ -13,7 +13,8 @@ Each run lives in <out>/<task>_c<setting>/ (resumed when the command runs again)
 in <out>/<task>_c<setting>_measure.json (reused); <out>/calibration.csv holds a row per (setting,
 teacher, metric), <out>/calibration.png one panel per metric: each teacher's change against the dial.
 `default_setting` reads the default off the table: the smallest setting at which the PickScore
-teacher lowers GenEval (interval below 0) and another teacher lowers another task's metric.
+teacher lowers GenEval (interval below 0) and another teacher lowers another task's metric. The
+measured table is shipped as assets/conflict_calibration.csv (`shipped_table`; docs/toy_world.md).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import pandas as pd
 
 from .. import cli, teachers
 from ..rewards import conflict, pickscore
+from ..safe_files import read_csv
 
 BASE = "toy_glyph"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "conflict_calibration.csv"
 METRICS = ("geneval", "ocr", "pickscore", "pickscore_true", "deqa")
 
 
@@ -61,6 +64,11 @@ def measured(task: str, adapter: Path, setting: float, path: Path, samples: int)
 def rows_of(task: str, setting: float, result: dict) -> list[dict]:
     return [{"setting": setting, "teacher": task, "metric": metric, **{k: float(v) for k, v in change.items()}}
             for metric, change in result["change"].items() if metric in METRICS]
+
+
+def shipped_table() -> pd.DataFrame:
+    """The calibration measured for the repository (rows: setting, teacher, metric, diff, low, high)."""
+    return read_csv(SHIPPED, "the shipped conflict calibration")
 
 
 def default_setting(table: pd.DataFrame) -> float | None:
