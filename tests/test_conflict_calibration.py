@@ -40,3 +40,10 @@ def test_inputs_are_checked_before_anything_is_trained(tmp_path, monkeypatch, ca
         calibration.cli.entry(calibration.main)([*argv, "--out", str(tmp_path / "cal")])
     assert exit_.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "cal").exists()
+
+
+def test_the_shipped_calibration_reads_default_half_with_the_papers_sign():
+    table = calibration.shipped_table()
+    assert calibration.default_setting(table) == 0.5
+    at = table.set_index(["setting", "teacher", "metric"])
+    assert at.loc[(0.5, "pickscore", "geneval"), "high"] < 0 < at.loc[(0.0, "pickscore", "geneval"), "high"]
