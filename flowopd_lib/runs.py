@@ -333,9 +333,19 @@ def missing_teachers(params: dict) -> dict[str, Path]:
 
 
 def on_toy_base(stage: dict, params: dict) -> bool:
-    """Whether the stage runs on the shipped toy base: its notebook takes a `base` and it is "toy"
-    (the notebooks' default). Pretraining (notebook 01) and SD3.5-M stages do not."""
-    return "base" in notebook_parameters(ROOT / stage["notebook"]) and params.get("base", "toy") == "toy"
+    """Whether the stage runs on a shipped toy base (so its results depend on the shipped assets): its
+    notebook takes a `base`, and the stage's value, else the notebook's default, names one of
+    models.BASES. SD3.5-M stages do not."""
+    import ast
+
+    import papermill
+
+    from . import models
+
+    declared = papermill.inspect_notebook(str(ROOT / stage["notebook"]))
+    if "base" not in declared:
+        return False
+    return params.get("base", ast.literal_eval(declared["base"]["default"])) in models.BASES
 
 
 def inputs_changed(out_dir: Path, params: dict, on_shipped_assets: bool) -> bool:

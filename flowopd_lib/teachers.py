@@ -5,6 +5,11 @@ from the base, and the command that trains (and ships) it.
     python -m flowopd_lib.teachers train geneval -c lr=3e-4 -c updates=50        # any config override
     python -m flowopd_lib.teachers ship geneval --run runs/teachers/geneval      # -> assets/teachers/geneval
     python -m flowopd_lib.teachers efficiency geneval --samples 8192 --out runs/efficiency_geneval
+    python -m flowopd_lib.teachers train pickscore --world dial --out runs/dial/pickscore  # another world
+
+A world (`WORLDS`) is the base the teachers adapt and the conflict setting their rewards read, with its
+own shipped teachers: `toy` (the base `toy`, conflict 0: today's study) and `dial` (`toy_glyph`, the
+calibrated conflict 0.5: docs/toy_world.md). `--world` on train, ship and table picks it.
 
 A recipe is a trainer name (`grpo`, `nft`, `awm`) plus config overrides; the evaluation during
 training uses the recipe's protocol (CFG scale, steps) on held-out test prompts, so the learning
@@ -16,6 +21,7 @@ replacing a shipped teacher takes --force and keeps the old one (REPLACED_TEACHE
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import shutil
@@ -27,7 +33,23 @@ from .config import ConfigError
 from .safe_files import FileError, check_writable, read_csv, read_json_object, read_mapping, replace_directory
 from .trainer import MAY_CHANGE_ON_RESUME, config_changes, prepare_run_dir
 
-ASSETS = Path(__file__).parent / "assets" / "teachers"
+ASSETS = Path(__file__).parent / "assets" / "teachers"  # the `toy` world's
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """A set of teachers' world: the base they adapt, the conflict setting their rewards read
+    (rewards/conflict.py), and the folder beside ASSETS its teachers are shipped to (None: ASSETS)."""
+    base: str
+    conflict: float
+    folder: str | None = None
+
+
+WORLDS = {
+    "toy": World("toy", 0.0),
+    # the glyph base and the dial's calibrated default (diagnostics.conflict_calibration)
+    "dial": World("toy_glyph", 0.5, "teachers_dial"),
+}
 # Where `ship --force` keeps the teachers it replaces, as <task>.previous-<date>: outside the package
 # (whose assets every toy stage fingerprints), in the repository's untracked runs/ folder.
 REPLACED_TEACHERS = Path(__file__).resolve().parents[1] / "runs" / "replaced_teachers"
@@ -77,11 +99,31 @@ def recipe_settings(task: str) -> tuple[str, dict]:
     return trainer, {k: v for k, v in values.items() if k != "sft"}  # "sft": the cold start's, not the trainer's
 
 
-def recipe_config(task: str, out_dir: str, overrides: dict | None = None):
-    """The task's teacher config (trainer's dataclass) with `overrides` applied."""
+def world(name: str) -> World:
+    if name not in WORLDS:
+        raise cli.UserError(f"unknown world {name!r}; worlds: {sorted(WORLDS)}")
+    return WORLDS[name]
+
+
+def assets_of(world_name: str) -> Path:
+    """Where the world's teachers are shipped (read at call time: a test that moves ASSETS moves all)."""
+    folder = world(world_name).folder
+    return ASSETS if folder is None else ASSETS.with_name(folder)
+
+
+def reads_pickscore(task: str) -> bool:
+    """Whether the task's recipe rewards PickScore: then its training depends on the conflict dial."""
+    return "pickscore" in recipe_settings(task)[1]["rewards"]
+
+
+def recipe_config(task: str, out_dir: str, overrides: dict | None = None, world_name: str = "toy"):
+    """The task's teacher config (trainer's dataclass) in a world (its base and conflict setting),
+    with `overrides` applied."""
     trainer, values = recipe_settings(task)
     config_cls, _ = trainer_for(trainer)
-    return config_cls.from_dict({**values, "adapter": task, "out_dir": out_dir, **(overrides or {})})
+    where = world(world_name)
+    return config_cls.from_dict({**values, "base": where.base, "conflict": where.conflict, "adapter": task,
+                                 "out_dir": out_dir, **(overrides or {})})
 
 
 def eval_fn_for(task: str, n_prompts: int = 90, protocol: dict | None = None):
@@ -164,7 +206,8 @@ def cold_start_settings(task: str, overrides: dict | None = None) -> dict:
     return settings
 
 
-def train(task: str, out_dir: str, overrides: dict | None = None, eval_prompts: int = 90, force: bool = False):
+def train(task: str, out_dir: str, overrides: dict | None = None, eval_prompts: int = 90, force: bool = False,
+          world_name: str = "toy"):
     """Train the task's teacher by its recipe: the optional cold start on renders (the recipe's `sft`,
     `overrides["sft"]` over it), then the trainer; resumes from out_dir's checkpoints. Every setting
     and out_dir are checked first (`trainer.prepare_run_dir`; `force` moves a run it would replace aside)."""
@@ -172,7 +215,7 @@ def train(task: str, out_dir: str, overrides: dict | None = None, eval_prompts: 
     sft = cold_start_settings(task, overrides.pop("sft", None))
     if sft:
         overrides["init_adapter"] = str(Path(out_dir) / "sft" / "adapter")  # sft_on_renders makes it
-    cfg = recipe_config(task, out_dir, overrides)
+    cfg = recipe_config(task, out_dir, overrides, world_name)
     eval_fn = eval_fn_for(task, eval_prompts)
     prepare_run_dir(cfg, force, produced=("init_adapter",) if sft else ())
     if sft:
@@ -272,29 +315,33 @@ def cold_start_changes(task: str, run_dir: Path) -> list[str]:
             for k in sorted(set(ran) | set(wanted)) if ran.get(k) != wanted.get(k)]
 
 
-def check_run_follows_recipe(task: str, run_dir: Path) -> None:
-    """Refuse to ship a run whose config differs from the task's recipe: the shipped command
-    (`teachers train <task>`) must reproduce the teacher, so every change belongs in RECIPES. A run
-    without config.yaml (not made by `teachers train`, or cut off before it wrote one) is refused."""
+def check_run_follows_recipe(task: str, run_dir: Path, world_name: str = "toy") -> None:
+    """Refuse to ship a run whose config differs from the task's recipe in the world: the shipped command
+    (`teachers train <task> --world W`) must reproduce the teacher, so every change belongs in RECIPES
+    (the conflict setting aside for a recipe whose rewards do not read it). A run without config.yaml
+    (not made by `teachers train`, or cut off before it wrote one) is refused."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"{run_dir} has no config.yaml: not a run of `python -m flowopd_lib.teachers train {task}` "
                           f"(or one cut off at its start); train it with that command, then ship it")
     ignored = {"out_dir", "init_adapter", *MAY_CHANGE_ON_RESUME} - {"updates"}
+    if not reads_pickscore(task):
+        ignored.add("conflict")  # the dial does not change what this recipe trains on
     changed = [c.replace(" -> ", ", recipe ").replace(": ", ": run ", 1)
-               for c in config_changes(saved_path, recipe_config(task, str(run_dir)), ignored)]
+               for c in config_changes(saved_path, recipe_config(task, str(run_dir), world_name=world_name), ignored)]
     changed += cold_start_changes(task, run_dir)
     if changed:
         raise ConfigError(f"{run_dir} was not trained by the {task!r} recipe ({'; '.join(changed)}); "
                           f"put those values in teachers.RECIPES[{task!r}] so the shipped command reproduces it")
 
 
-def check_shippable(task: str, run_dir: str | Path, destination: Path | None = None, force: bool = False) -> None:
+def check_shippable(task: str, run_dir: str | Path, destination: Path | None = None, force: bool = False,
+                    world_name: str = "toy") -> None:
     """Everything `ship` needs, checked before anything is measured or written (a UserError, one
     line): a finished run of the task's recipe (config.yaml, a loadable adapter of all the config's
     updates, readable records) and, where the task's teacher is already shipped, `force`."""
-    run_dir, target = Path(run_dir), Path(destination or ASSETS) / task
-    check_run_follows_recipe(task, run_dir)
+    run_dir, target = Path(run_dir), Path(destination or assets_of(world_name)) / task
+    check_run_follows_recipe(task, run_dir, world_name)
     adapters.check_folder(run_dir / "adapter", f"the adapter of {run_dir}")
     planned = read_mapping(run_dir / "config.yaml", "a run's config").get("updates")
     done = adapters.metadata(run_dir / "adapter").get("updates")
@@ -311,20 +358,20 @@ def check_shippable(task: str, run_dir: str | Path, destination: Path | None = N
 
 
 def ship(task: str, run_dir: str | Path, metrics: dict | None = None, destination: Path | None = None,
-         force: bool = False) -> Path:
+         force: bool = False, world_name: str = "toy") -> Path:
     """Ship a finished run's adapter to <destination>/<task>/ (default: assets/teachers) with its learning
     curve, the recipe, protocol, command and `metrics`. Checked first (`check_shippable`), built beside
     the target and swapped in; a replaced teacher is kept in REPLACED_TEACHERS, dated."""
-    run_dir, destination = Path(run_dir), Path(destination or ASSETS)
-    check_shippable(task, run_dir, destination, force)
-    replaced = replace_directory(destination / task, lambda folder: write_teacher(task, run_dir, metrics, folder),
+    run_dir, destination = Path(run_dir), Path(destination or assets_of(world_name))
+    check_shippable(task, run_dir, destination, force, world_name)
+    replaced = replace_directory(destination / task, lambda folder: write_teacher(task, run_dir, metrics, folder, world_name),
                                  REPLACED_TEACHERS)
     if replaced is not None:
         print(f"the teacher it replaces is kept in {replaced}")
     return destination / task
 
 
-def write_teacher(task: str, run_dir: Path, metrics: dict | None, folder: Path) -> None:
+def write_teacher(task: str, run_dir: Path, metrics: dict | None, folder: Path, world_name: str = "toy") -> None:
     """The shipped teacher's files in `folder`: the run's adapter, its learning curve (a few kB) and
     metadata saying how it was made and measured."""
     shutil.copytree(run_dir / "adapter", folder, dirs_exist_ok=True)
@@ -340,31 +387,34 @@ def write_teacher(task: str, run_dir: Path, metrics: dict | None, folder: Path) 
                               "note": "a toy-world privilege: flow matching on ground-truth renders of the "
                                       "task's training prompts before RL"}
     info.update({"task": task, "trainer": RECIPES[task][0], "protocol": PROTOCOL,
-                 "command": f"python -m flowopd_lib.teachers train {task} --out {run_dir}",
+                 "world": world_name, "command": f"python -m flowopd_lib.teachers train {task} --out {run_dir}"
+                                                 + (f" --world {world_name}" if world_name != "toy" else ""),
                  **({"metrics": metrics} if metrics else {})})
     (folder / "adapter.json").write_text(json.dumps(info, indent=1, default=str))
 
 
-def shipped(destination: Path = ASSETS) -> dict[str, Path]:
-    """task -> directory of each shipped teacher."""
+def shipped(destination: Path | None = None, world_name: str = "toy") -> dict[str, Path]:
+    """task -> directory of each shipped teacher (of the world, or under `destination`)."""
+    destination = Path(destination or assets_of(world_name))
     return {d.name: d for d in sorted(destination.glob("*")) if (d / "adapter.json").exists()}
 
 
-def shipped_directories(tasks: tuple[str, ...] = DISTILLED) -> dict[str, str]:
+def shipped_directories(tasks: tuple[str, ...] = DISTILLED, world_name: str = "toy") -> dict[str, str]:
     """task -> directory (a string, as notebooks and configs take it) of the shipped teacher of each of
-    `tasks`: the notebooks' default teachers."""
-    available = shipped()
+    `tasks` in the world: the notebooks' default teachers."""
+    available = shipped(world_name=world_name)
     missing = [t for t in tasks if t not in available]
     if missing:
-        raise FileNotFoundError(f"no shipped teacher for {missing} under {ASSETS}; shipped: {sorted(available)}")
+        raise FileNotFoundError(f"no shipped teacher for {missing} under {assets_of(world_name)}; "
+                                f"shipped: {sorted(available)}")
     return {t: str(available[t]) for t in tasks}
 
 
-def table(destination: Path = ASSETS) -> str:
+def table(destination: Path | None = None, world_name: str = "toy") -> str:
     """Markdown of the shipped teachers' recorded rows: every metric of the base and the teacher
     (± one standard error) and the teacher's paired change with its 95% bootstrap interval."""
     lines = []
-    for task, directory in shipped(destination).items():
+    for task, directory in shipped(destination, world_name).items():
         info = read_json_object(directory / "adapter.json", "a shipped teacher's record")
         try:
             lines += _table_rows(task, info)
@@ -403,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("-c", "--config", action="append", default=[], metavar="key=value",
                    help="override a config field (value read as YAML)")
     t.add_argument("--eval-prompts", type=cli.count, default=90)
+    t.add_argument("--world", default="toy", choices=sorted(WORLDS), help="the base and conflict setting (WORLDS)")
     t.add_argument("--force", action="store_true", help="train afresh where --out holds a run the recipe would "
                                                         "replace, not continue (moved to <out>.previous-<date> first)")
     e = sub.add_parser("efficiency", help="Flow-GRPO vs DiffusionNFT vs AWM on one sample budget: curves + figure")
@@ -416,23 +467,25 @@ def main(argv: list[str] | None = None) -> None:
                                     "it into assets/teachers/<task> with its metrics (checked first)")
     s.add_argument("task", choices=sorted(RECIPES))
     s.add_argument("--run", required=True)
+    s.add_argument("--world", default="toy", choices=sorted(WORLDS), help="the world the run was trained in (WORLDS)")
     s.add_argument("--force", action="store_true", help="replace the task's shipped teacher (kept in "
                                                         "runs/replaced_teachers/<task>.previous-<date>)")
-    sub.add_parser("table", help="markdown of the shipped teachers' recorded metrics")
+    tab = sub.add_parser("table", help="markdown of the shipped teachers' recorded metrics")
+    tab.add_argument("--world", default="toy", choices=sorted(WORLDS))
     args = parser.parse_args(argv)
     if args.command == "table":
-        print(table())
+        print(table(world_name=args.world))
     elif args.command == "train":
         overrides = dict(cli.key_value(item, "-c") for item in args.config)
-        train(args.task, args.out, overrides, args.eval_prompts, args.force)
+        train(args.task, args.out, overrides, args.eval_prompts, args.force, args.world)
     elif args.command == "efficiency":
         print(efficiency(args.task, args.samples, args.eval_every_samples, args.out, tuple(args.trainers),
                          args.eval_prompts).to_string())
     else:
-        check_shippable(args.task, args.run, force=args.force)  # before minutes of measuring
-        metrics = measure(args.task, Path(args.run) / "adapter")
+        check_shippable(args.task, args.run, force=args.force, world_name=args.world)  # before minutes of measuring
+        metrics = measure(args.task, Path(args.run) / "adapter", conflict_setting=world(args.world).conflict)
         print(json.dumps(metrics, indent=1))
-        print(ship(args.task, args.run, metrics, force=args.force))
+        print(ship(args.task, args.run, metrics, force=args.force, world_name=args.world))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def assets(tmp_path, monkeypatch):
     shipped_teacher(folder, "geneval")
     monkeypatch.setattr(teachers, "ASSETS", folder)
     monkeypatch.setattr(teachers, "REPLACED_TEACHERS", tmp_path / "replaced")
-    monkeypatch.setattr(teachers, "measure", lambda task, adapter_dir: pytest.fail("measured before checking"))
+    monkeypatch.setattr(teachers, "measure", lambda task, adapter_dir, **settings: pytest.fail("measured before checking"))
     return folder
 
 
@@ -266,7 +266,7 @@ def test_a_full_disk_leaves_the_old_files_whole(tmp_path, capsys, assets, monkey
     said = refused(capsys, summary.main, [str(summarised), "--out", str(docs / "results.md"), "--readme", str(readme)])
     assert "No space left on device" in said and str(docs / "figures") in said
     monkeypatch.setattr(teachers.shutil, "copytree", full)
-    monkeypatch.setattr(teachers, "measure", lambda task, adapter_dir: {"geneval": 0.9})
+    monkeypatch.setattr(teachers, "measure", lambda task, adapter_dir, **settings: {"geneval": 0.9})
     said = refused(capsys, teachers.main, ["ship", "geneval", "--run", str(run), "--force"])
     assert "No space left on device" in said and str(assets / "geneval") in said
     assert snapshot(tmp_path) == before  # and nothing half-written left beside the targets

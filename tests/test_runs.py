@@ -86,14 +86,13 @@ def test_a_stage_that_ran_on_other_shipped_assets_counts_as_changed(tmp_path, mo
     monkeypatch.setattr(runs, "shipped_assets_fingerprint", lambda: "a retrained base")
     assert runs.inputs_changed(tmp_path, params, True)
     assert not runs.inputs_changed(tmp_path, params, False)
-    # which stages are on the shipped base: the toy studies' training stages, not pretraining or SD3.5-M
+    # which stages are on a shipped base: the toy studies' stages (notebook 01 shows or continues one), not SD3.5-M
     teacher = {"notebook": "notebooks/02_teacher_grpo.ipynb"}
     assert runs.on_toy_base(teacher, {"base": "toy"}) and runs.on_toy_base(teacher, {})
+    assert runs.on_toy_base(teacher, {"base": "toy_glyph"})
     assert not runs.on_toy_base(teacher, {"base": "sd3.5-medium"})
-    assert not runs.on_toy_base({"notebook": "notebooks/01_base_model.ipynb"}, {})
-    for notebook in sorted((runs.ROOT / "notebooks").glob("0*.ipynb")):  # on_toy_base reads an unset base as "toy"
-        if "base" in runs.notebook_parameters(notebook):
-            assert 'base = \\"toy\\"' in notebook.read_text(), f"{notebook.name}: its default base is not the toy base"
+    assert runs.on_toy_base({"notebook": "notebooks/01_base_model.ipynb"}, {})  # its default: toy_glyph
+    assert not runs.on_toy_base({"notebook": "notebooks/01_base_model.ipynb"}, {"base": "runs/my_base"})
 
 
 @pytest.fixture()

@@ -98,17 +98,18 @@ def test_ship_refuses_a_run_that_left_its_recipe(tmp_path):
     assert teachers.ship("ocr", run, destination=tmp_path / "assets").exists()  # cadence may differ
 
 
-@pytest.mark.parametrize("task", sorted(teachers.shipped()))
-def test_shipped_teacher_re_measured_beats_the_base(task):
-    """The recorded protocol on the teacher's own task: the teacher beats the base (paired 95% interval
-    above 0) and agrees with its recorded metric within three standard errors. (One sample per prompt
-    is not enough: the OCR teacher's +0.07 then has an interval touching 0.)"""
-    directory = teachers.shipped()[task]
+@pytest.mark.parametrize("world, task", [(w, t) for w in sorted(teachers.WORLDS) for t in sorted(teachers.shipped(world_name=w))])
+def test_shipped_teacher_re_measured_beats_the_base(world, task):
+    """The recorded protocol on the teacher's own task, in its world: the teacher beats the base (paired
+    95% interval above 0) and agrees with its recorded metric within three standard errors. (One sample
+    per prompt is not enough: the OCR teacher's +0.07 then has an interval touching 0.)"""
+    directory = teachers.shipped(world_name=world)[task]
     info = adapters.metadata(directory)
     assert info["protocol"] == teachers.PROTOCOL and (directory / "learning_curve.csv").exists()
     recorded = info["metrics"]
     now = teachers.measure(task, directory, samples_per_prompt=recorded["protocol"]["samples_per_prompt"],
-                           tasks=(task,), n_prompts=recorded["protocol"]["n_prompts"])
+                           tasks=(task,), n_prompts=recorded["protocol"]["n_prompts"],
+                           conflict_setting=teachers.WORLDS[world].conflict)
     assert now["change"][task]["low"] > 0, now["change"][task]
     assert abs(now["teacher"][task] - recorded["teacher"][task]) <= 3 * now["teacher"][f"{task}_se"], (now, recorded)
 
@@ -150,7 +151,7 @@ def test_ship_checks_the_run_before_measuring_or_replacing_anything(tmp_path, mo
     monkeypatch.setattr(teachers, "ASSETS", assets)
     monkeypatch.setattr(teachers, "REPLACED_TEACHERS", backups, raising=False)
     measured = []
-    monkeypatch.setattr(teachers, "measure", lambda task, adapter_dir: measured.append(task) or {"geneval": 0.9})
+    monkeypatch.setattr(teachers, "measure", lambda task, adapter_dir, **settings: measured.append(task) or {"geneval": 0.9})
     old = tree(shipped_teacher(assets))
     run = tmp_path / "run"
     model = tiny_model()

@@ -32,14 +32,9 @@ SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "conflict_calibration
 METRICS = ("geneval", "ocr", "pickscore", "pickscore_true", "deqa")
 
 
-def reads_pickscore(task: str) -> bool:
-    """Whether the task's recipe rewards PickScore (then its training depends on the dial)."""
-    return "pickscore" in teachers.recipe_settings(task)[1]["rewards"]
-
-
 def run_setting(task: str, setting: float) -> float:
     """The setting a teacher of `task` is trained at to be measured at `setting`."""
-    return setting if reads_pickscore(task) else 0.0
+    return setting if teachers.reads_pickscore(task) else 0.0
 
 
 def teacher_adapter(task: str, setting: float, out: Path, updates: int, given: dict[str, Path]) -> Path:

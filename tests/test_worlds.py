@@ -1,0 +1,38 @@
+"""Teacher worlds (teachers.WORLDS): the base and conflict setting a recipe trains in, and where its
+teachers are shipped."""
+import pytest
+import yaml
+
+from flowopd_lib import teachers
+from flowopd_lib.cli import UserError
+
+
+def test_a_world_sets_the_recipes_base_and_conflict_and_an_override_still_wins():
+    toy, dial = (teachers.recipe_config("pickscore", "runs/x", world_name=w) for w in ("toy", "dial"))
+    assert (toy.base, toy.conflict) == ("toy", 0.0) and (dial.base, dial.conflict) == ("toy_glyph", 0.5)
+    assert teachers.recipe_config("pickscore", "runs/x", {"updates": 5}, "dial").updates == 5
+    with pytest.raises(UserError, match="unknown world 'dail'"):
+        teachers.recipe_config("pickscore", "runs/x", world_name="dail")
+
+
+def test_worlds_ship_beside_each_other_and_follow_a_moved_assets_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(teachers, "ASSETS", tmp_path / "teachers")
+    assert teachers.assets_of("toy") == tmp_path / "teachers"
+    assert teachers.assets_of("dial") == tmp_path / "teachers_dial"
+    (tmp_path / "teachers_dial" / "geneval").mkdir(parents=True)
+    (tmp_path / "teachers_dial" / "geneval" / "adapter.json").write_text("{}")
+    assert list(teachers.shipped(world_name="dial")) == ["geneval"] and teachers.shipped() == {}
+
+
+def test_the_dial_is_no_recipe_change_for_a_teacher_whose_rewards_do_not_read_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for task, refused in (("geneval", False), ("pickscore", True)):
+        cfg = teachers.recipe_config(task, str(run), {"conflict": 0.0}, "dial")  # trained at 0 in the dial world
+        (run / "config.yaml").write_text(cfg.to_yaml())
+        if refused:
+            with pytest.raises(UserError, match=r"conflict: run 0\.0, recipe 0\.5"):
+                teachers.check_run_follows_recipe(task, run, "dial")
+        else:
+            teachers.check_run_follows_recipe(task, run, "dial")
+    assert yaml.safe_load((run / "config.yaml").read_text())["base"] == "toy_glyph"
