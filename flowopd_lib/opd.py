@@ -389,16 +389,17 @@ class OPDTrainer(OnPolicyTrainer):
         return OBJECTIVES[self.cfg.objective]
 
     @property
-    def supervised(self) -> list[int]:
-        """The trained steps with a loss term, MAR's included (`supervised_steps`; all by default)."""
+    def loss_steps(self) -> list[int]:
+        """The trained steps with a loss term, MAR's included (`supervised_steps`; all by default): the
+        shared loop averages the update's loss and metrics over them."""
         return supervised_step_indices(self.cfg.supervised_steps, self.cfg.trained_steps)
 
     @property
     def labelled_steps(self) -> list[int]:
         """Steps that get teacher labels: every SDE step where the objective sums over the whole
         trajectory (which supervises every trained step), else the supervised ones. Column j of the
-        labels is step labelled_steps[j]; a supervised step k is column supervised.index(k) in both cases."""
-        return list(range(self.cfg.sde_steps)) if self.objective.every_step else self.supervised
+        labels is step labelled_steps[j]; a supervised step k is column loss_steps.index(k) in both cases."""
+        return list(range(self.cfg.sde_steps)) if self.objective.every_step else self.loss_steps
 
     @property
     def teacher_steps(self) -> int:
@@ -407,7 +408,7 @@ class OPDTrainer(OnPolicyTrainer):
 
     @property
     def label_forwards_per_sample(self) -> int:
-        return self.teacher_steps + (len(self.supervised) if self.cfg.mar_lambda > 0 else 0)
+        return self.teacher_steps + (len(self.loss_steps) if self.cfg.mar_lambda > 0 else 0)
 
     def label(self, traj: rollout.Trajectories, update: int):
         cfg = self.cfg
@@ -423,8 +424,8 @@ class OPDTrainer(OnPolicyTrainer):
             labels["advantage"] = self.objective.advantages(kls, traj, v_tgt, cfg)
         if cfg.mar_lambda > 0:
             anchor = None if cfg.anchor == "base" else self.ANCHOR
-            labels["v_anchor"] = self.velocities_through(traj, self.supervised, [anchor] * len(traj))
-        return labels, ({} if kls is None else self.kl_metrics(traj, kls[:, :len(self.supervised)]))
+            labels["v_anchor"] = self.velocities_through(traj, self.loss_steps, [anchor] * len(traj))
+        return labels, ({} if kls is None else self.kl_metrics(traj, kls[:, :len(self.loss_steps)]))
 
     def kl_metrics(self, traj: rollout.Trajectories, kls: torch.Tensor) -> dict[str, float]:
         """teacher_kl/<task>: mean per-step KL of the rollout policy to each task's teacher, over
@@ -441,22 +442,10 @@ class OPDTrainer(OnPolicyTrainer):
                 for task in self.cfg.datasets if totals[f"{task}/count"] > 0}
 
     # -- the per-step objective
-    def loss_terms(self, part, labels: dict[str, torch.Tensor]):
-        """One term per supervised step. The shared loop normalises by cfg.trained_steps terms per
-        sample, so with a subset of n steps each term (loss and metrics) is scaled by trained_steps / n:
-        the update's loss and metrics are means over the supervised steps."""
-        steps = self.supervised
-        scale = self.cfg.trained_steps / len(steps)
-        for k in steps:
-            loss, metrics = self.step_loss(part, labels, k, self.policy_velocity(part, k))
-            if scale != 1:
-                loss, metrics = loss * scale, {name: value * scale for name, value in metrics.items()}
-            yield loss, metrics
-
     def step_loss(self, traj, labels, k, v):
         cfg = self.cfg
         x, s, s_next = traj.latents[:, k], traj.sigmas[k], traj.sigmas[k + 1]
-        j = self.supervised.index(k)  # the column of step k in the labels
+        j = self.loss_steps.index(k)  # the column of step k in the labels
         metrics, inputs, kl = {}, {}, None
         if self.objective.teacher:
             kl = step_kl(v, labels["v_target"][:, j], x, s, s_next, cfg.noise_level, cfg.kl_scaling)

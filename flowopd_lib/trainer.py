@@ -75,6 +75,7 @@ MAY_CHANGE_ON_RESUME = ("updates", "time_budget_minutes", "eval_every", "checkpo
                         # the evaluation protocol, but not the world's conflict dial: it changes the rewards
                         *(f.name for f in dataclasses.fields(EvalConfig) if f.name != "conflict"))
 
+
 def config_changes(saved_path: Path, cfg, ignored=()) -> list[str]:
     """`field: old -> new` for each field of the config saved at `saved_path` (a run's config.yaml)
     that differs from `cfg`, fields in `ignored` aside."""
@@ -85,7 +86,6 @@ def config_changes(saved_path: Path, cfg, ignored=()) -> list[str]:
     return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
             for k in dict.fromkeys([*current, *saved])
             if k not in ignored and saved.get(k, missing) != current.get(k, missing)]
-
 
 
 def check_run_dir(cfg) -> None:
@@ -355,12 +355,18 @@ class OnPolicyTrainer:
         and per-sample metrics [b] to average."""
         raise NotImplementedError
 
+    @property
+    def loss_steps(self) -> list[int]:
+        """The trained steps that get a loss term (all of them; OPD's `supervised_steps` picks a subset).
+        The update's loss and metrics are means over them."""
+        return list(range(self.cfg.trained_steps))
+
     def loss_terms(self, part, labels: dict[str, torch.Tensor]):
-        """The `cfg.trained_steps` loss terms of a micro-batch, one at a time (each is backpropagated
-        before the next is computed, so only one term's activations are alive): (loss [b], metrics).
-        GRPO and OPD: one term per trained SDE step at the stored states; the forward-process
-        trainers (`forward_rl.py`) override this with terms at fresh noise."""
-        for k in range(self.cfg.trained_steps):
+        """The loss terms of a micro-batch, one per step of `loss_steps`, one at a time (each is
+        backpropagated before the next is computed, so only one term's activations are alive): (loss [b],
+        metrics). GRPO and OPD: terms at the stored states; the forward-process trainers
+        (`forward_rl.py`) override this with `cfg.trained_steps` terms at fresh noise."""
+        for k in self.loss_steps:
             yield self.step_loss(part, labels, k, self.policy_velocity(part, k))
 
     @property
@@ -450,7 +456,7 @@ class OnPolicyTrainer:
                     index = index[labels["weight"][index].cpu() > 0]  # samples without signal cost no forward
                     weight = labels["weight"][index]
                     # Normalise by the global number of (sample, step) terms of this minibatch.
-                    norm = self.dist.sum(weight.sum().to(self.acc.device)) * cfg.trained_steps
+                    norm = self.dist.sum(weight.sum().to(self.acc.device)) * len(self.loss_steps)
                     self.opt.zero_grad(set_to_none=False)
                     terms = []  # (prompts, term index, loss, metrics) of each term, checked once below
                     if norm > 0:
@@ -469,9 +475,9 @@ class OnPolicyTrainer:
                                     if epoch == 0 and mb == 0 and name in FIRST_MINIBATCH_METRICS:
                                         key = f"{name}_first_minibatch"
                                         sums[key] = sums.get(key, 0) + (value.detach() * w).sum()
-                        count += weight.sum() * cfg.trained_steps
+                        count += weight.sum() * len(self.loss_steps)
                         if epoch == 0 and mb == 0:
-                            first_count += weight.sum() * cfg.trained_steps
+                            first_count += weight.sum() * len(self.loss_steps)
                     self.stop_if_nonfinite(nonfinite_term(terms), update)
                     self.all_reduce_grads()
                     grad_norms.append(self.clip_gradients(update))
