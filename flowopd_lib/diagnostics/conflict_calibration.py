@@ -27,7 +27,7 @@ from .. import cli, teachers
 from ..rewards import conflict, pickscore
 from ..safe_files import read_csv
 
-BASE = "toy_glyph"
+WORLD = "dial"  # teachers.WORLDS: the glyph base; the setting varies here
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "conflict_calibration.csv"
 METRICS = ("geneval", "ocr", "pickscore", "pickscore_true", "deqa")
 
@@ -43,7 +43,7 @@ def teacher_adapter(task: str, setting: float, out: Path, updates: int, given: d
         return given[task]
     trained_at = run_setting(task, setting)
     run_dir = out / f"{task}_c{trained_at:g}"
-    teachers.train(task, str(run_dir), {"base": BASE, "conflict": trained_at, "updates": updates, "eval_every": 20})
+    teachers.train(task, str(run_dir), {"conflict": trained_at, "updates": updates, "eval_every": 20}, world_name=WORLD)
     return run_dir / "adapter"
 
 

@@ -308,11 +308,16 @@ def train(steps: int = 6000, batch_groups: int = 16, lr: float = 3e-3, seed: int
     return metrics
 
 
+def folder_of(setting: float) -> Path:
+    """The shipped folder of a conflict setting's proxy (WEIGHTS_DIR at 0), whether or not it exists."""
+    tag = conflict.tag(setting)
+    return ASSETS / f"pickscore_toy_{tag}" if tag else WEIGHTS_DIR
+
+
 def weights_dir(setting: float | None = None) -> Path:
     """Where the proxy of a conflict setting (default: the current one) lives; an error naming the
     command that trains it when it is not there."""
-    tag = conflict.tag(setting)
-    directory = ASSETS / f"pickscore_toy_{tag}" if tag else WEIGHTS_DIR
+    directory = folder_of(conflict.get() if setting is None else setting)
     if not (directory / "model.safetensors").exists():
         value = conflict.get() if setting is None else setting
         raise UserError(f"no PickScore proxy for conflict={value:g} (looked in {directory}); train it: "
@@ -348,17 +353,15 @@ def score(images: torch.Tensor, prompts: list[Prompt]) -> dict[str, torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m flowopd_lib.rewards.pickscore", description=__doc__.split("\n")[0])
+    from .. import cli
+
+    parser = cli.parser(__doc__.split("\n")[0])
     parser.add_argument("--conflict", type=float, default=0.0, help="the conflict setting whose taste labels the data")
     parser.add_argument("--out", default=None, help="weights folder (default: the setting's shipped folder)")
-    parser.add_argument("--steps", type=int, default=6000, help="training steps")
+    parser.add_argument("--steps", type=cli.count, default=6000, help="training steps")
     args = parser.parse_args(argv)
     setting = conflict.check(args.conflict)
-    if args.steps < 1:
-        raise UserError(f"--steps {args.steps}: give a number of steps >= 1")
-    tag = conflict.tag(setting)
-    out = Path(args.out) if args.out else (ASSETS / f"pickscore_toy_{tag}" if tag else WEIGHTS_DIR)
+    out = Path(args.out) if args.out else folder_of(setting)
     torch.set_num_threads(1)
     for k, v in train(steps=args.steps, out_dir=out, conflict_setting=setting).items():
         print(f"{k}: {v}")

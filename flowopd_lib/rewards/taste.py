@@ -82,10 +82,15 @@ def harmony(det: Detections, b: int, bg: np.ndarray) -> float:
     return 0.6 * wheel + 0.4 * contrast
 
 
+def subject_mask(x: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """The subject: pixels unlike the background colour bg [B, 3], [B, H, W] bool."""
+    return np.abs(x - bg[:, None, None]).max(-1) > 0.2
+
+
 def composition(x: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """Balance, margins and coverage of the subject (pixels unlike the background), [B]."""
+    """Balance, margins and coverage of the subject (`subject_mask`), [B]."""
     b, h, w, _ = x.shape
-    subject = np.abs(x - bg[:, None, None]).max(-1) > 0.2
+    subject = subject_mask(x, bg)
     area = subject.reshape(b, -1).sum(1)
     frac = area / (h * w)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -109,9 +114,8 @@ def appeal(x: np.ndarray, det: Detections, bg: np.ndarray, has_text: list[bool])
     """What a preference model likes beyond faithfulness, [B] in [0, 1]: the mean of boldness (the
     subject covers BOLD_FRACTION of the image), focus (one object: 1 / objects; a sign counts as
     one) and a vivid background (its chroma from neutral to VIVID_CHROMA[1])."""
-    b, h, w, _ = x.shape
-    subject = np.abs(x - bg[:, None, None]).max(-1) > 0.2
-    bold = np.clip(subject.reshape(b, -1).mean(1) / BOLD_FRACTION, 0, 1)
+    b = len(x)
+    bold = np.clip(subject_mask(x, bg).reshape(b, -1).mean(1) / BOLD_FRACTION, 0, 1)
     n = np.bincount(det.image[det.shape >= 0], minlength=b)
     focus = np.where(np.asarray(has_text), 1.0, np.where(n > 0, 1 / np.maximum(n, 1), 0.0))
     low, high = VIVID_CHROMA
