@@ -135,11 +135,11 @@ def test_subsets_refuse_the_sde_and_missing_sizes():
 def test_a_full_scale_test_set_is_never_cycled(tmp_path):
     """(d) Flow-GRPO's layout at a root: more test prompts than the file holds is an error naming
     the file, its size and the fix; the whole file once is fine; training prompts still cycle."""
-    with pytest.raises(data.TestSetTooSmall, match=r"ocr/test.txt holds 200 test prompts .* 201 were asked.*"
-                                                   r"eval_prompts: \{ocr: 200\}"):
-        data.prompts("ocr", 201, "test", 0, PROMPT_DIR)
-    every = data.prompts("ocr", 200, "test", 0, PROMPT_DIR)
-    assert len({p.text for p in every}) == 200
+    with pytest.raises(data.TestSetTooSmall, match=r"ocr/test.txt holds 400 test prompts .* 401 were asked.*"
+                                                   r"eval_prompts: \{ocr: 400\}"):
+        data.prompts("ocr", 401, "test", 0, PROMPT_DIR)
+    every = data.prompts("ocr", 400, "test", 0, PROMPT_DIR)
+    assert len({p.text for p in every}) == 400
     assert len(data.prompts("ocr", 1500, "train", 0, PROMPT_DIR)) == 1500
     with pytest.raises(data.TestSetTooSmall, match="geneval/test_metadata.jsonl holds 90"):
         data.prompts("geneval", 91, "test", 0, PROMPT_DIR)

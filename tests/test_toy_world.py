@@ -76,6 +76,23 @@ def test_shipped_files_use_flow_grpo_formats_and_disjoint_splits():
     assert all(line.count('"') == 2 for line in splits.prompt_file("ocr", "train").read_text().splitlines())
 
 
+def test_the_ocr_test_extension_leaves_every_earlier_draw_as_it_was():
+    """OCR's test file grew from 200 to 400 prompts for an evaluation that decides; a draw of up to 200
+    (every shipped record, learning curve and cache) is the first block's permutation, as before, and
+    the extension shares its quoted text with neither split."""
+    test = toy.read_prompts("ocr", "test")
+    first, extension = test[:splits.N_OCR["test"]], test[splits.N_OCR["test"]:]
+    assert len(first) == 200 and len(extension) == splits.OCR_TEST_EXTENSION == 200
+    for n, seed in [(1, 0), (90, 0), (200, 0), (90, 7)]:
+        before = [first[i].text for i in np.random.default_rng(seed).permutation(200)[:n]]  # the old draw
+        assert [p.text for p in splits.sample_prompts("ocr", n, "test", seed)] == before
+    drawn = splits.sample_prompts("ocr", 400, "test", 3)
+    assert {p.text for p in drawn[:200]} == {p.text for p in first} and {p.text for p in drawn[200:]} == {
+        p.text for p in extension}
+    earlier = {p.spec["text"] for p in first} | {p.spec["text"] for p in toy.read_prompts("ocr", "train")}
+    assert len({p.spec["text"] for p in extension}) == 200 and not earlier & {p.spec["text"] for p in extension}
+
+
 @pytest.mark.parametrize("task", ["ocr", "pickscore", "deqa"])
 def test_fresh_prompts_are_seeded_new_and_never_share_a_test_key(task):
     key = splits.held_out_key(task)

@@ -5,7 +5,10 @@
     assets/prompts/pickscore/{train,test}.txt            one free-form prompt per line
 
 deqa uses the pickscore files (general prompts) with the task label "deqa". Test prompts never
-appear in train; for ocr the quoted texts are disjoint too. GenEval's small tags have only a
+appear in train; for ocr the quoted texts are disjoint too. OCR's test file is two blocks: the
+first 200 prompts, then 200 more (`OCR_TEST_EXTENSION`, drawn after both splits with a seed of
+their own) that an evaluation able to decide needs (docs/toy_world.md); a draw takes each block's
+permutation in turn, so a draw of up to 200 is the one made before the extension existed. GenEval's small tags have only a
 few distinct toy prompts (4 single objects), so each tag is split in half (at most 40 test
 prompts a tag) and `sample_prompts` draws geneval prompts tag by tag in turn, which weighs the
 six categories equally as GenEval's overall score does.
@@ -30,6 +33,8 @@ SPLIT_SEED = 20260508
 N_OCR = {"train": 1000, "test": 200}
 N_PICKSCORE = {"train": 1000, "test": 200}
 MAX_GENEVAL_TEST_PER_TAG = 40
+# OCR test prompts after the first N_OCR["test"]: the train file and the first block stay as they were.
+OCR_TEST_EXTENSION = 200
 
 
 def check_split(split: str) -> None:
@@ -76,9 +81,18 @@ def sample_prompts(task: str, n: int, split: str = "train", seed: int = 0) -> li
         by_tag = [[p for p in prompts if p.spec["tag"] == t] for t in GENEVAL_TAGS]
         per_tag = [_cycle(ps, -(-n // len(GENEVAL_TAGS)), rng) for ps in by_tag]
         chosen = [per_tag[i % len(GENEVAL_TAGS)][i // len(GENEVAL_TAGS)] for i in range(n)]
-    else:
-        chosen = _cycle(prompts, n, rng)
+    else:  # each block of the file permuted, in turn; past the end, the whole file re-permuted
+        chosen = [p for block in _blocks(task, split, prompts) for p in _cycle(block, len(block), rng)]
+        chosen = chosen[:n] if n <= len(chosen) else chosen + _cycle(prompts, n - len(chosen), rng)
     return [copy.deepcopy(p) for p in chosen]
+
+
+def _blocks(task: str, split: str, prompts: list) -> list[list]:
+    """The file's blocks in draw order: OCR's test file is its first N_OCR["test"] prompts, then the
+    extension; every other file is one block."""
+    if task == "ocr" and split == "test" and len(prompts) > N_OCR["test"]:
+        return [prompts[:N_OCR["test"]], prompts[N_OCR["test"]:]]
+    return [prompts]
 
 
 def held_out_key(task: str):
@@ -134,6 +148,9 @@ def write_splits(root: Path = PROMPT_DIR, seed: int = SPLIT_SEED) -> dict[str, i
         free = unique_prompts(random_freeform, N_PICKSCORE[split], rng, lambda p: p.text, taken_prompts)
         files[prompt_file("ocr", split, root)] = [p.text for p in ocr]
         files[prompt_file("pickscore", split, root)] = [p.text for p in free]
+    extension = unique_prompts(random_ocr, OCR_TEST_EXTENSION, np.random.default_rng(seed + 1),
+                               lambda p: p.spec["text"], taken_texts)  # texts of neither split
+    files[prompt_file("ocr", "test", root)] += [p.text for p in extension]
     for path, lines in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
