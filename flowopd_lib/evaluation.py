@@ -62,6 +62,26 @@ EXACT_TASKS = ("geneval", "ocr")  # tasks whose samples are exactly right or not
 # forward-process trainers need no guidance in their rollouts. SD3.5-M's spec overrides it (CFG 4.5, 40 steps).
 PROTOCOL = {"cfg_scale": 1.0, "steps": 20, "seed": 0}
 
+# The evaluation that decides, in EvalConfig's terms (test draws and samples per draw, per task): at these
+# sizes a paired teacher - base difference has a 95% interval half-width <= 0.03 on GenEval, OCR and
+# PickScore and <= 0.08 on DeQA, measured on the dial world's teachers by diagnostics.eval_power
+# (docs/toy_world.md "How large an evaluation decides"). GenEval's 270 draws hold each of its 90 test
+# prompts (its small categories repeat by design); OCR's 400 need its test file's extension.
+# The study's specs name it (`eval_protocol: decisive`); `make run` keeps 90 x 1.
+DECISIVE = {"eval_prompts": {"geneval": 270, "ocr": 400, "pickscore": 200, "deqa": 200},
+            "eval_samples": {"geneval": 16, "ocr": 4, "pickscore": 4, "deqa": 8}}
+NAMED_PROTOCOLS = {"decisive": DECISIVE}
+
+
+def protocol_sizes(name: str | None, eval_prompts, eval_samples) -> tuple:
+    """(eval_prompts, eval_samples) of a named evaluation (NAMED_PROTOCOLS), or the ones given (name None)."""
+    if name is None:
+        return eval_prompts, eval_samples
+    if name not in NAMED_PROTOCOLS:
+        raise ValueError(f"eval_protocol={name!r}: the named evaluations are {sorted(NAMED_PROTOCOLS)} "
+                         f"(None: eval_prompts x eval_samples as given)")
+    return NAMED_PROTOCOLS[name]["eval_prompts"], NAMED_PROTOCOLS[name]["eval_samples"]
+
 
 def task_metrics(task: str, prompts: list, images: torch.Tensor, reward_name: str | None = None) -> dict[str, float]:
     """Metrics of one task from its reward's outputs (see the module docstring)."""

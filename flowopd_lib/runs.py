@@ -17,7 +17,9 @@ order, each a notebook with its own parameters:
 `{stage}` in a parameter value is that stage's output directory (what a stage consumes from an
 earlier one), and `{teachers}` is the folder of the shipped toy teachers, flowopd_lib/assets/teachers
 (`python -m flowopd_lib.teachers ship <task>` puts them there), so `"{teachers}/geneval"` is the
-shipped GenEval teacher's adapter directory: a spec uses it without a stage that trains it. A
+shipped GenEval teacher's adapter directory: a spec uses it without a stage that trains it.
+`{teachers_dial}` is the dial world's (flowopd_lib/worlds.py); a stage using a world's teachers must
+run on that world's base (`base: toy_glyph` for the dial's), else the spec is refused. A
 stage that names a teacher not shipped yet stops the run before anything starts, saying how to
 train and ship it. Every stage gets `out_dir` = papermill_runs/outputs/<run>/<stage>, and only the
 shared parameters its notebook declares (papermill's `inspect_notebook`: the names assigned in
@@ -76,15 +78,17 @@ from pathlib import Path
 
 import yaml
 
-from . import cli, safe_files
+from . import cli, safe_files, worlds
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "papermill_runs" / "outputs"
 _NAME = r"[A-Za-z0-9_]+"                # what a stage name may hold, so that {name} refers to it
 _RUN_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # one folder name under --outputs: no '/', no leading '.'
 _REF = re.compile(r"\{(%s)\}" % _NAME)
-SHIPPED_TEACHERS = ROOT / "flowopd_lib" / "assets" / "teachers"  # teachers.ASSETS (not imported: torch)
-PLACEHOLDERS = {"teachers": SHIPPED_TEACHERS}  # {name} -> a folder outside the run (docstring); not stage names
+# {name} -> a folder outside the run (docstring); not stage names: each world's shipped teachers,
+# `{teachers}` (toy) and `{teachers_dial}` (teachers.assets_of; teachers not imported: torch)
+PLACEHOLDERS = {worlds.placeholder(name): ROOT / "flowopd_lib" / "assets" / w.teachers_folder
+                for name, w in worlds.WORLDS.items()}
 MERGED_PARAMETERS = {"extra"}           # mappings of independent settings: merged key by key (docstring)
 RUNNER_PARAMETERS = {"out_dir"}         # set by the runner for every stage
 
@@ -275,29 +279,30 @@ def plan_stages(spec: dict, run_dir: Path, overrides: dict | None = None) -> lis
     return plan
 
 
-def files_fingerprint(folder: Path, skip: Path | None = None) -> str:
+def files_fingerprint(folder: Path, skip: tuple[Path, ...] = ()) -> str:
     """sha256 over the files under `folder` (relative names and bytes), leaving out those under `skip`."""
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not (skip and skip in p.parents)):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not any(s in p.parents for s in skip)):
         h.update(str(path.relative_to(folder)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
 
 def shipped_assets_fingerprint() -> str:
-    """sha256 over the files of flowopd_lib/assets but the shipped teachers: what the toy world ships
-    to every stage (base, PickScore scorer, prompts). The teachers count only for the stages that
-    name them (`shipped_teachers_used`). Not cached: a stage that ships a retrained base changes it
-    for the stages after it (~10 ms)."""
+    """sha256 over the files of flowopd_lib/assets but every world's shipped teachers: what the toy
+    world ships to every stage (bases, PickScore scorers, prompts). The teachers count only for the
+    stages that name them (`shipped_teachers_used`). Not cached: a stage that ships a retrained base
+    changes it for the stages after it (~10 ms)."""
     from .models import ASSETS
 
-    return files_fingerprint(ASSETS, skip=SHIPPED_TEACHERS)
+    return files_fingerprint(ASSETS, skip=tuple(PLACEHOLDERS.values()))
 
 
 def shipped_teachers_used(params) -> dict[str, Path]:
-    """task -> directory of each shipped teacher that `params` names: any string (in lists and dicts
-    too) that is a path under the teachers folder, absolute or relative to the repository, e.g.
-    `{teachers}/geneval` resolved; the folder itself names every shipped teacher."""
+    """name -> directory of each shipped teacher that `params` names: any string (in lists and dicts
+    too) that is a path under a world's teachers folder (PLACEHOLDERS), absolute or relative to the
+    repository, e.g. `{teachers}/geneval` resolved; a folder itself names every teacher in it. The
+    name is the task for the toy world's (`geneval`), else `<placeholder>/<task>` (`teachers_dial/geneval`)."""
     found: dict[str, Path] = {}
     if isinstance(params, dict):
         for value in params.values():
@@ -307,12 +312,43 @@ def shipped_teachers_used(params) -> dict[str, Path]:
             found.update(shipped_teachers_used(value))
     elif isinstance(params, str) and params and "\n" not in params:
         path = Path(os.path.normpath(ROOT / params))  # ROOT / an absolute path is that path
-        if path == SHIPPED_TEACHERS:
-            found.update({d.name: d for d in sorted(SHIPPED_TEACHERS.glob("*")) if d.is_dir()})
-        elif SHIPPED_TEACHERS in path.parents:
-            name = path.relative_to(SHIPPED_TEACHERS).parts[0]
-            found[name] = SHIPPED_TEACHERS / name
+        for key, folder in PLACEHOLDERS.items():
+            prefix = "" if key == "teachers" else f"{key}/"
+            if path == folder:
+                found.update({prefix + d.name: d for d in sorted(folder.glob("*")) if d.is_dir()})
+            elif folder in path.parents:
+                name = path.relative_to(folder).parts[0]
+                found[prefix + name] = folder / name
     return found
+
+
+def world_of(teacher: str) -> str:
+    """The world of a `shipped_teachers_used` name: `geneval` -> toy, `teachers_dial/geneval` -> dial."""
+    placeholder = teacher.split("/")[0] if "/" in teacher else "teachers"
+    return next(name for name in worlds.WORLDS if worlds.placeholder(name) == placeholder)
+
+
+def check_world(stage: dict, params: dict) -> None:
+    """A stage that uses a world's teachers runs on that world's base: a dial teacher (adapted to
+    toy_glyph) loaded on the base `toy` would run, and mean nothing."""
+    import ast
+
+    import papermill
+
+    used = {world_of(name) for name in shipped_teachers_used(params)}
+    if len(used) > 1:
+        raise UsageError(f"stage {stage['name']!r} uses the teachers of several worlds {sorted(used)}: each world's "
+                         f"teachers adapt its own base ({ {w: worlds.WORLDS[w].base for w in sorted(used)} })")
+    declared = papermill.inspect_notebook(str(ROOT / stage["notebook"]))
+    if not used or "base" not in declared:
+        return
+    where = worlds.WORLDS[used.pop()]
+    base = params.get("base", ast.literal_eval(declared["base"]["default"]))
+    if base != where.base:
+        name = next(n for n, w in worlds.WORLDS.items() if w == where)
+        raise UsageError(f"stage {stage['name']!r} uses the {name} world's teachers ({{{worlds.placeholder(name)}}}) on "
+                         f"the base {base!r}; they adapt {where.base!r}: set base: {where.base} (and conflict: "
+                         f"{where.conflict:g}) in the spec's shared parameters")
 
 
 def shipped_teacher_lines(params: dict) -> list[str]:
@@ -440,6 +476,9 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
     summary = run_dir / spec.get("summary", "summary") / "main_table.md"
     if summary.exists() and report:
         print(f"\nsummary: {summary}\n\n{summary.read_text()}")
+        said = summary.with_name("evaluation.txt")  # notebook 05's protocol line: a quick or a decisive evaluation
+        if said.exists():
+            print(said.read_text())
     return run_dir
 
 
@@ -450,10 +489,14 @@ def check_runnable(plan: list, chosen: list[bool], jobs: int) -> None:
         missing = missing_teachers(params) if selected else {}
         if missing:
             name = sorted(missing)[0]
+            task, world = missing[name].name, world_of(name)
+            flag = "" if world == "toy" else f" --world {world}"
             raise UsageError(f"stage {stage['name']!r} uses the shipped teacher(s) {sorted(missing)}, not shipped yet "
                              f"(no {shown(missing[name] / 'adapter.json')}): train and ship each with "
-                             f"`python -m flowopd_lib.teachers train {name} --out runs/teachers/{name}` and "
-                             f"`python -m flowopd_lib.teachers ship {name} --run runs/teachers/{name}`")
+                             f"`python -m flowopd_lib.teachers train {task}{flag} --out runs/teachers/{task}` and "
+                             f"`python -m flowopd_lib.teachers ship {task}{flag} --run runs/teachers/{task}`")
+        if selected:
+            check_world(stage, params)
     on_gpus = gpu_launch_stages([p for p, selected in zip(plan, chosen) if selected])
     if jobs > 1 and on_gpus:
         raise UsageError(f"--jobs {jobs} runs stages side by side, but {len(on_gpus)} stage(s) train as accelerate "

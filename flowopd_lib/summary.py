@@ -104,8 +104,11 @@ def provenance_lines(run_dir: str | Path, summary_stage: str = "summary") -> lis
     provenance = read_json_object(run_dir / "provenance.json", "a run's provenance record")
     parameters = run_dir / summary_stage / "parameters.yaml"
     params = read_mapping(parameters, "a stage's parameters") if parameters.exists() else {}
-    protocol = {k: params.get(k) for k in ("eval_prompts", "eval_samples", "eval_steps", "eval_cfg", "seed")
-                if k in params}
+    protocol = {k: params.get(k) for k in ("eval_protocol", "eval_prompts", "eval_samples", "eval_steps", "eval_cfg",
+                                           "seed") if k in params}
+    if protocol.get("eval_protocol"):  # a named evaluation's sizes, not the defaults it replaced
+        protocol["eval_prompts"], protocol["eval_samples"] = evaluation.protocol_sizes(
+            protocol["eval_protocol"], None, None)
     return [f"- command: `python -m flowopd_lib.runs {' '.join(provenance.get('argv', [])[1:])}`",
             f"- commit: `{provenance.get('git', {}).get('commit')}`"
             + (" (uncommitted changes)" if provenance.get("git", {}).get("dirty") else "")

@@ -31,12 +31,63 @@ def test_the_half_width_falls_with_prompts_and_samples():
     assert abs(table[(200, 1)] / table[(50, 1)] - 0.5) < 0.15  # ~1/sqrt(prompts)
 
 
-def test_each_task_is_sampled_on_its_test_file_once(monkeypatch):
-    # GenEval's draws repeat by design and other tasks refuse more than their file: ask for the file's size
+def test_each_task_is_sampled_on_the_decisive_protocols_draws_in_its_worlds_setting(monkeypatch):
+    from flowopd_lib import evaluation, teachers
     from flowopd_lib.diagnostics import eval_power
+    from flowopd_lib.rewards import conflict
 
     asked = {}
-    monkeypatch.setattr(eval_power.evaluation, "sample_scores", lambda views, tasks, n_prompts, **k: asked.update({tasks[0]: n_prompts}))
-    for task in ("geneval", "ocr", "pickscore", "deqa"):
-        eval_power.sample_table(task, samples=1)
-    assert asked == {"geneval": 90, "ocr": 200, "pickscore": 200, "deqa": 200}
+
+    def record(views, tasks, n_prompts, **k):
+        asked[tasks[0]] = (n_prompts, conflict.get())
+    monkeypatch.setattr(eval_power.evaluation, "sample_scores", record)
+    for task in teachers.shipped(world_name="dial"):
+        eval_power.sample_table(task, samples=1, world_name="dial")
+        assert asked[task] == (evaluation.DECISIVE["eval_prompts"][task], teachers.WORLDS["dial"].conflict)
+    assert asked and conflict.get() == 0.0  # the setting ends with the sampling
+
+
+def test_the_decisive_row_is_the_protocols_own_sizes():
+    from flowopd_lib import evaluation
+    from flowopd_lib.diagnostics import eval_power
+
+    n, k = evaluation.DECISIVE["eval_prompts"]["ocr"], evaluation.DECISIVE["eval_samples"]["ocr"]
+    table = eval_power.grid("ocr", synthetic_scores(n, 8, shift=0.1, noise=0.5), samples=8)
+    decisive = table[table["decisive"]]
+    assert len(decisive) == 1 and (decisive["prompts"].iloc[0], decisive["samples"].iloc[0]) == (n, k)
+
+
+def test_a_named_evaluation_replaces_the_sizes_and_an_unknown_name_is_refused():
+    import pytest
+
+    from flowopd_lib import evaluation
+
+    assert evaluation.protocol_sizes(None, 90, 1) == (90, 1)
+    assert evaluation.protocol_sizes("decisive", 90, 1) == (evaluation.DECISIVE["eval_prompts"],
+                                                            evaluation.DECISIVE["eval_samples"])
+    with pytest.raises(ValueError, match=r"eval_protocol='decisiv'.*\['decisive'\]"):
+        evaluation.protocol_sizes("decisiv", 90, 1)
+
+
+def test_the_decisive_draws_fit_the_shipped_test_files():
+    """A study spec naming the decisive evaluation must not stop at its first job on a too-small file."""
+    from flowopd_lib import data, evaluation
+
+    for task, n in evaluation.DECISIVE["eval_prompts"].items():
+        assert len(data.prompts(task, n, "test", 0)) == n
+
+
+def test_the_results_page_states_a_named_evaluations_sizes(tmp_path):
+    import json
+
+    import yaml
+
+    from flowopd_lib import evaluation, summary
+
+    (tmp_path / "summary").mkdir()
+    (tmp_path / "provenance.json").write_text(json.dumps({"git": {"commit": "abc"}, "argv": ["runs.py"]}))
+    (tmp_path / "summary" / "parameters.yaml").write_text(yaml.safe_dump(
+        {"eval_protocol": "decisive", "eval_prompts": 90, "eval_samples": 1}))
+    line = summary.provenance_lines(tmp_path)[-1]
+    assert "eval_protocol decisive" in line and f"eval_prompts {evaluation.DECISIVE['eval_prompts']}" in line
+    assert "eval_prompts 90" not in line

@@ -1,17 +1,22 @@
 """How large must an evaluation be to decide? Interval half-widths of a paired difference against size.
 
 A claim such as "the PickScore teacher lowers GenEval" is decided when the paired 95% interval of the
-difference excludes 0; its half-width shrinks with the number of test prompts and of samples per
-prompt (sample j of every prompt from the noise of seed + j, for both models). This samples each
-shipped teacher and the base on every test prompt of the teacher's task at `--samples` seeds once,
-then, for every (prompts, samples) on a grid, recomputes the paired bootstrap interval of teacher minus
-base on a subset (the first n prompts of each stratum, the first k seeds), and reports the half-width:
-the smallest evaluation that reaches a target width is read off the table, with its cost in images.
+difference excludes 0; its half-width shrinks with the number of test draws and of samples per draw
+(sample j of every draw from the noise of seed + j, for both models). This samples a world's shipped
+teacher of each task and its base on the task's test draws of the decisive protocol
+(`evaluation.DECISIVE`) at `--samples` seeds once, then, for every (draws, samples) on a grid,
+recomputes the paired bootstrap interval of teacher minus base on a subset (the first n draws, the
+first k seeds) and reports its half-width. The row at the protocol's own sizes (`decisive`) is the
+protocol measured exactly; the others say what a smaller evaluation would give, with its cost in images.
 
-    python -m flowopd_lib.diagnostics.eval_power --samples 8 --out docs/figures/eval_power.csv
+    python -m flowopd_lib.diagnostics.eval_power --world dial --samples 16 --out docs/figures/eval_power_dial
 
-GenEval's test split holds 90 prompts (the grammar limits distinct prompts per category), so its width
-can only fall by adding samples per prompt, down to the floor the prompts' own spread sets.
+writes `<task>.csv` per task into the folder (a later run of other `--tasks` adds theirs) and prints
+each task's decisive row against its target (TARGETS).
+
+GenEval's test file holds 90 prompts (the grammar limits distinct prompts per category); its draws go
+category by category in turn, so 270 draws hold all 90 (the small categories repeat) and its width
+falls mostly by samples per draw, down to the floor the prompts' own spread sets.
 """
 from __future__ import annotations
 
@@ -21,25 +26,30 @@ from pathlib import Path
 import pandas as pd
 
 from .. import adapters, cli, evaluation, models, stats, teachers
-from ..toy.splits import read_prompts
+from ..rewards import conflict
 
-TASK_METRIC = {"geneval": "geneval", "ocr": "ocr", "pickscore": "pickscore", "deqa": "deqa"}
+TARGETS = {"geneval": 0.03, "ocr": 0.03, "pickscore": 0.03, "deqa": 0.08}  # issue 36 D's half-widths
 
 
-def sample_table(task: str, samples: int, base: str = "toy") -> pd.DataFrame:
-    """Per-sample scores of the base and the task's shipped teacher on all of the task's test prompts."""
-    model = models.load_base(base)
-    name = adapters.load(model, teachers.shipped()[task], f"teacher_{task}")
-    # the test file's size: GenEval's draws repeat its small tags by design (any n is drawn), others refuse more
-    n_prompts = len(read_prompts(task, "test"))
+def sample_table(task: str, samples: int, world_name: str = "dial") -> pd.DataFrame:
+    """Per-sample scores of the world's base and its shipped teacher of `task` on the task's decisive
+    test draws, in the world's conflict setting."""
+    where = teachers.world(world_name)
+    shipped = teachers.shipped(world_name=world_name)
+    if task not in shipped:
+        raise cli.UserError(f"no shipped {task} teacher in the {world_name} world ({teachers.assets_of(world_name)}); "
+                            f"ship it with `python -m flowopd_lib.teachers ship {task} --world {world_name} --run RUN`")
+    model = models.load_base(where.base)
+    name = adapters.load(model, shipped[task], f"teacher_{task}")
     views = {"base": adapters.view(model, None), "teacher": adapters.view(model, name)}
-    return evaluation.sample_scores(views, tasks=(task,), n_prompts=n_prompts, samples_per_prompt=samples,
-                                    **evaluation.PROTOCOL)
+    with conflict.setting(where.conflict):
+        return evaluation.sample_scores(views, tasks=(task,), n_prompts=evaluation.DECISIVE["eval_prompts"][task],
+                                        samples_per_prompt=samples, **evaluation.PROTOCOL)
 
 
 def half_widths(scores: pd.DataFrame, metric: str, prompt_counts: list[int], sample_counts: list[int]) -> pd.DataFrame:
-    """Half-width of the paired 95% interval of teacher - base for each (prompts per task, samples):
-    prompts taken in the test file's order, the same subset for both models."""
+    """Half-width of the paired 95% interval of teacher - base for each (draws, samples): draws taken
+    in order, the same subset for both models."""
     rows = []
     chosen = scores[scores["metric"] == metric]
     for k in sample_counts:
@@ -55,28 +65,47 @@ def half_widths(scores: pd.DataFrame, metric: str, prompt_counts: list[int], sam
     return pd.DataFrame(rows)
 
 
+def grid(task: str, scores: pd.DataFrame, samples: int) -> pd.DataFrame:
+    """The task's half-width table on the standard grid, its decisive row marked."""
+    n_max = scores["prompt"].nunique()
+    prompt_counts = sorted({n for n in (30, 60, 90, 120, 180, 200, n_max) if n <= n_max})
+    sample_counts = sorted({k for k in (1, 2, 4, 8, 16, samples) if k <= samples})
+    table = half_widths(scores, task, prompt_counts, sample_counts)
+    table.insert(0, "task", task)
+    table["decisive"] = (table["prompts"] == evaluation.DECISIVE["eval_prompts"][task]) & (
+        table["samples"] == evaluation.DECISIVE["eval_samples"][task])
+    table["target"] = TARGETS[task]
+    return table
+
+
 @cli.entry
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(__doc__)
-    parser.add_argument("--tasks", nargs="+", default=list(TASK_METRIC), choices=list(TASK_METRIC))
-    parser.add_argument("--samples", type=cli.count, default=8, help="seeds per prompt sampled once (the grid's largest)")
-    parser.add_argument("--out", type=cli.new_file, default=Path("runs/eval_power.csv"),
-                        help="CSV of the half-widths (its folder must exist)")
+    parser.add_argument("--world", default="dial", choices=sorted(teachers.WORLDS), help="whose base and teachers")
+    parser.add_argument("--tasks", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--samples", type=cli.count, default=16, help="seeds per draw sampled once (the grid's largest)")
+    parser.add_argument("--out", type=Path, default=Path("runs/eval_power"), help="folder of <task>.csv (made if missing)")
     args = parser.parse_args(argv)
-    tables = []
+    short = [t for t in args.tasks if evaluation.DECISIVE["eval_samples"][t] > args.samples]
+    if short:
+        raise cli.UserError(f"--samples {args.samples} is fewer than the decisive protocol's samples for {short} "
+                            f"({ {t: evaluation.DECISIVE['eval_samples'][t] for t in short} }): raise --samples")
+    for task in args.tasks:  # refuse a missing teacher before any sampling
+        if task not in teachers.shipped(world_name=args.world):
+            sample_table(task, args.samples, args.world)
+    if args.out.exists() and not args.out.is_dir():
+        raise cli.UserError(f"--out {args.out} is a file; name a folder (one CSV per task is written into it)")
+    args.out.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
         started = time.time()
-        scores = sample_table(task, args.samples)
-        n_max = scores["prompt"].nunique()
-        prompt_counts = sorted({n for n in (30, 60, 90, 120, 200, n_max) if n <= n_max})
-        sample_counts = sorted({k for k in (1, 2, 4, 8, 16, args.samples) if k <= args.samples})
-        table = half_widths(scores, TASK_METRIC[task], prompt_counts, sample_counts)
-        table.insert(0, "task", task)
-        table["sampling_minutes"] = (time.time() - started) / 60
-        tables.append(table)
+        table = grid(task, sample_table(task, args.samples, args.world), args.samples)
+        table["sampling_minutes_two_models"] = (time.time() - started) / 60
+        table.to_csv(args.out / f"{task}.csv", index=False)
         print(table.round(3).to_string(index=False), flush=True)
-    pd.concat(tables).to_csv(args.out, index=False)
-    print("wrote", args.out)
+        row = table[table["decisive"]].iloc[0]
+        verdict = "reaches" if row["half_width"] <= row["target"] else "misses"
+        print(f"{task}: decisive protocol ({row['prompts']} draws x {row['samples']} samples) half-width "
+              f"{row['half_width']:.3f} {verdict} its target {row['target']}; wrote {args.out / f'{task}.csv'}", flush=True)
 
 
 if __name__ == "__main__":
