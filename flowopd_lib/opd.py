@@ -249,6 +249,36 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+# The on-policy distillation methods side by side (docs/method.md section 8), each a set of OPDConfig
+# settings on this one loop: notebook 04's `method` and papermill_runs/opd_methods.yaml name them.
+METHODS: dict[str, dict] = {
+    "flow_opd": {"objective": "kl"},                            # the direct per-step KL (what the released code trains)
+    "flow_opd_paper": {"objective": "pg_detached"},             # the paper's text: PG on the detached KL
+    "flow_opd_released": {"objective": "pg_undetached"},        # the released code's loss, as written
+    "diffusion_opd_sde": {"objective": "mean_match", "rollout": "sde"},  # DiffusionOPD: step-mean matching
+    "diffusion_opd_ode": {"objective": "mean_match", "rollout": "ode"},  # ... on deterministic rollouts
+    "dance_opd": {"objective": "kl", "supervised_steps": "last:1"},     # DanceOPD: one low-noise step
+    "no_teacher": {"objective": "no_teacher"},                  # the control: a fixed negative advantage
+}
+
+
+def method_settings(method: str | None, settings: dict, extra: dict | None = None) -> dict:
+    """`settings` (field -> value, None: the default) with a named method's fields (METHODS) set; a
+    field the settings or `extra` also give with another value is a ConfigError naming both."""
+    if method is None:
+        return settings
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r}: the methods are {sorted(METHODS)} (None: objective, rollout and "
+                          f"supervised_steps as given)")
+    given = {**{k: v for k, v in settings.items() if v is not None}, **(extra or {})}
+    clash = {k: (given[k], v) for k, v in METHODS[method].items() if k in given and given[k] != v}
+    if clash:
+        raise ConfigError(f"method={method!r} sets " + ", ".join(f"{k}={v!r}" for k, (_, v) in clash.items())
+                          + " but the parameters give " + ", ".join(f"{k}={g!r}" for k, (g, _) in clash.items())
+                          + ": drop one of the two")
+    return {**settings, **METHODS[method]}
+
+
 # ----------------------------------------------------------------------------- trainer
 
 @dataclasses.dataclass
@@ -484,5 +514,5 @@ def train_opd(cfg: OPDConfig, model: FlowModel | None = None, accelerator=None,
 
 __all__ = ["OBJECTIVES", "OPDConfig", "OPDTrainer", "Objective", "fixed_advantage_labels", "fixed_advantages",
            "group_baseline", "kl_loss", "kl_rtg_advantages", "kl_rtg_labels", "logratio_advantages", "logratio_labels",
-           "mean_match_loss", "mean_matching", "mean_weight", "no_teacher_loss", "pg_advantage_loss", "pg_kl_loss",
+           "mean_match_loss", "mean_matching", "mean_weight", "METHODS", "method_settings", "no_teacher_loss", "pg_advantage_loss", "pg_kl_loss",
            "reward_to_go", "step_kl", "supervised_step_indices", "train_opd"]

@@ -7,7 +7,7 @@ from the base, and the command that trains (and ships) it.
     python -m flowopd_lib.teachers efficiency geneval --samples 8192 --out runs/efficiency_geneval
     python -m flowopd_lib.teachers train pickscore --world dial --out runs/dial/pickscore  # another world
 
-A world (`WORLDS`) is the base the teachers adapt and the conflict setting their rewards read, with its
+A world (`worlds.WORLDS`) is the base the teachers adapt and the conflict setting their rewards read, with its
 own shipped teachers: `toy` (the base `toy`, conflict 0: today's study) and `dial` (`toy_glyph`, the
 calibrated conflict 0.5: docs/toy_world.md). `--world` on train, ship and table picks it.
 
@@ -21,7 +21,6 @@ replacing a shipped teacher takes --force and keeps the old one (REPLACED_TEACHE
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import shutil
@@ -32,24 +31,11 @@ from . import train as train_module
 from .config import ConfigError
 from .safe_files import FileError, check_writable, read_csv, read_json_object, read_mapping, replace_directory
 from .trainer import MAY_CHANGE_ON_RESUME, config_changes, prepare_run_dir
+from .worlds import WORLDS, world
 
 ASSETS = Path(__file__).parent / "assets" / "teachers"  # the `toy` world's
 
 
-@dataclasses.dataclass(frozen=True)
-class World:
-    """A set of teachers' world: the base they adapt, the conflict setting their rewards read
-    (rewards/conflict.py), and the folder beside ASSETS its teachers are shipped to (None: ASSETS)."""
-    base: str
-    conflict: float
-    folder: str | None = None
-
-
-WORLDS = {
-    "toy": World("toy", 0.0),
-    # the glyph base and the dial's calibrated default (diagnostics.conflict_calibration)
-    "dial": World("toy_glyph", 0.5, "teachers_dial"),
-}
 # Where `ship --force` keeps the teachers it replaces, as <task>.previous-<date>: outside the package
 # (whose assets every toy stage fingerprints), in the repository's untracked runs/ folder.
 REPLACED_TEACHERS = Path(__file__).resolve().parents[1] / "runs" / "replaced_teachers"
@@ -99,16 +85,9 @@ def recipe_settings(task: str) -> tuple[str, dict]:
     return trainer, {k: v for k, v in values.items() if k != "sft"}  # "sft": the cold start's, not the trainer's
 
 
-def world(name: str) -> World:
-    if name not in WORLDS:
-        raise cli.UserError(f"unknown world {name!r}; worlds: {sorted(WORLDS)}")
-    return WORLDS[name]
-
-
 def assets_of(world_name: str) -> Path:
     """Where the world's teachers are shipped (read at call time: a test that moves ASSETS moves all)."""
-    folder = world(world_name).folder
-    return ASSETS if folder is None else ASSETS.with_name(folder)
+    return ASSETS.with_name(world(world_name).teachers_folder)
 
 
 def reads_pickscore(task: str) -> bool:

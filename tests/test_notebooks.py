@@ -108,7 +108,8 @@ NOTEBOOK_LEVEL = {"02_teacher_grpo.ipynb": {"base", "adapter", "out_dir", "updat
                   "04_flow_opd.ipynb": {"base", "teachers", "init_adapter", "out_dir"}}
 # Values a config accepts for fields whose type gives none (valid names, tasks with a teacher).
 PROBES = {"datasets": {"ocr": 2.0}, "rewards": {"ocr": 2.0}, "teachers": {"ocr": "probe/teacher_ocr"},
-          "task_rewards": {"ocr": "ocr"}}
+          "task_rewards": {"ocr": "ocr"}, "supervised_steps": "last:1",
+          "objective": "mean_match"}  # a probe objective that both probe rollouts (sde and ode) allow
 
 
 def notebook_config(name: str, overrides: dict, tmp_path: Path):

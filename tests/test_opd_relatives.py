@@ -228,3 +228,25 @@ def test_mean_match_on_ode_rollouts_matches_the_euler_steps(tmp_path):
     metrics = trainer.run_update(0)
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-4) and metrics["grad_norm"] > 0
     assert yaml.safe_load(cfg.to_yaml())["rollout"] == "ode"
+
+
+def test_every_named_method_builds_a_valid_config_and_a_clash_is_refused(tmp_path):
+    """Notebook 04's `method`: each of opd.METHODS is a valid OPDConfig on the same loop; a parameter
+    that contradicts the method is an error naming both, never silently one or the other."""
+    from flowopd_lib.config import ConfigError
+    from flowopd_lib.opd import METHODS, OPDConfig, method_settings
+
+    base = {"teachers": {"geneval": "t"}, "datasets": {"geneval": 1.0}, "out_dir": str(tmp_path), "objective": None}
+    assert {"flow_opd", "flow_opd_paper", "flow_opd_released", "diffusion_opd_sde", "diffusion_opd_ode", "dance_opd",
+            "no_teacher"} == set(METHODS)
+    for name, fields in METHODS.items():
+        cfg = OPDConfig.from_settings(method_settings(name, base))
+        assert all(getattr(cfg, k) == v for k, v in fields.items()), name
+    assert method_settings(None, base) == base
+    assert method_settings("dance_opd", {**base, "objective": "kl"})["supervised_steps"] == "last:1"  # agreeing is fine
+    with pytest.raises(ConfigError, match=r"method='diffusion_opd_ode' sets objective='mean_match'.*objective='kl'"):
+        method_settings("diffusion_opd_ode", {**base, "objective": "kl"})
+    with pytest.raises(ConfigError, match=r"rollout='ode'.*rollout='sde'"):
+        method_settings("diffusion_opd_ode", base, {"rollout": "sde"})
+    with pytest.raises(ConfigError, match=r"method='dance'.*\['dance_opd'"):
+        method_settings("dance", base)

@@ -108,15 +108,15 @@ def shipped(tmp_path, monkeypatch):
         (assets / "teachers" / task / "adapter.json").write_text("{}")
         (assets / "teachers" / task / "pytorch_lora_weights.safetensors").write_bytes(task.encode())
     monkeypatch.setattr(flowopd_lib.models, "ASSETS", assets)
-    monkeypatch.setattr(runs, "SHIPPED_TEACHERS", assets / "teachers")
-    monkeypatch.setattr(runs, "PLACEHOLDERS", {"teachers": assets / "teachers"})
+    monkeypatch.setattr(runs, "PLACEHOLDERS", {"teachers": assets / "teachers", "teachers_dial": assets / "teachers_dial"})
     return assets
 
 
 def test_teachers_placeholder_names_the_shipped_teachers_without_a_stage(tmp_path):
     from flowopd_lib import teachers
 
-    assert runs.SHIPPED_TEACHERS == teachers.ASSETS == runs.PLACEHOLDERS["teachers"]
+    assert teachers.ASSETS == runs.PLACEHOLDERS["teachers"]
+    assert teachers.assets_of("dial") == runs.PLACEHOLDERS["teachers_dial"]
     spec = {"name": "s", "shared": {}, "stages": [
         {"name": "coldstart", "notebook": "notebooks/03_cold_start.ipynb",
          "parameters": {"teachers": {"geneval": "{teachers}/geneval", "ocr": "{teachers}/ocr"}}},
@@ -138,15 +138,19 @@ def test_teachers_placeholder_names_the_shipped_teachers_without_a_stage(tmp_pat
         runs.load_spec(path)
 
 
-@pytest.mark.parametrize("path", sorted(runs.ROOT.glob("papermill_runs/toy_*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*runs.ROOT.glob("papermill_runs/toy_*.yaml"),
+                                         *runs.ROOT.glob("papermill_runs/dial_*.yaml")]), ids=lambda p: p.name)
 def test_toy_specs_name_shipped_teachers_that_have_recipes(path, tmp_path):
-    """Each `{teachers}/<task>` of a toy spec is a teacher `python -m flowopd_lib.teachers train` makes."""
+    """Each `{teachers}/<task>` (`{teachers_dial}/<task>`) of a toy spec is a teacher `python -m
+    flowopd_lib.teachers train <task> [--world dial]` makes, used on its world's base."""
     from flowopd_lib import teachers
 
     used = set()
-    for _, _, params in runs.plan_stages(runs.load_spec(path), tmp_path, {}):
+    for stage, _, params in runs.plan_stages(runs.load_spec(path), tmp_path, {}):
         used |= set(runs.shipped_teachers_used(params))
-    assert used and used <= set(teachers.RECIPES)
+        runs.check_world(stage, params)
+    assert used and {name.split("/")[-1] for name in used} <= set(teachers.RECIPES)
+    assert len({runs.world_of(name) for name in used}) == 1  # one world's teachers per study
 
 
 def stage_config(notebook: str, params: dict):
@@ -165,22 +169,29 @@ def stage_config(notebook: str, params: dict):
     raise AssertionError(f"{notebook} has no cell tagged 'config'")
 
 
-def test_toy_full_mix_and_seesaw_train_with_the_teachers_trainer_and_settings(tmp_path):
+STUDY_NFT_STAGES = {
+    "toy_full.yaml": {"mix_nft", "mix_nft_alternate", "coldstart_mix", "seesaw_ocr", "seesaw_pickscore", "seesaw_deqa"},
+    "dial_full.yaml": {"mix_nft", "mix_nft_teacher_budget", "coldstart_mix", "seesaw_ocr", "seesaw_pickscore",
+                       "seesaw_deqa"}}
+
+
+@pytest.mark.parametrize("spec_name", sorted(STUDY_NFT_STAGES))
+def test_toy_full_mix_and_seesaw_train_with_the_teachers_trainer_and_settings(spec_name, tmp_path):
     """The NFT Mix, cold start + Mix and seesaw stages train as the shipped teachers were trained
     (teachers.RECIPES), on the teachers' protocol (CFG 1); only what makes them a Mix or a seesaw step
     (rewards, prompts, budget, start) differs; Flow-GRPO-Mix and Flow-OPD run at CFG 1 too."""
     from flowopd_lib import teachers
 
-    recipe = yaml.safe_load(teachers.recipe_config("geneval", "x").to_yaml())
+    world = "dial" if spec_name.startswith("dial") else "toy"  # the study's teachers' world
+    recipe = yaml.safe_load(teachers.recipe_config("geneval", "x", world_name=world).to_yaml())
     from flowopd_lib.distributed_eval import EvalConfig
 
     own = {"adapter", "out_dir", "init_adapter", "rewards", "datasets", "dataset_mode", "reward_routing", "updates",
            "eval_every", "checkpoint_every",
            *(f.name for f in dataclasses.fields(EvalConfig))}  # how it is evaluated: checked below
-    plan = runs.plan_stages(runs.load_spec(runs.ROOT / "papermill_runs/toy_full.yaml"), tmp_path, {})
+    plan = runs.plan_stages(runs.load_spec(runs.ROOT / "papermill_runs" / spec_name), tmp_path, {})
     nft = [(stage, params) for stage, _, params in plan if params.get("trainer") == "nft"]
-    assert {stage["name"] for stage, _ in nft} == {"mix_nft", "mix_nft_alternate", "coldstart_mix", "seesaw_ocr",
-                                                  "seesaw_pickscore", "seesaw_deqa"}
+    assert {stage["name"] for stage, _ in nft} == STUDY_NFT_STAGES[spec_name]
     for stage, params in nft:
         cfg = yaml.safe_load(stage_config(stage["notebook"], params).to_yaml())
         differ = {k: (cfg[k], v) for k, v in recipe.items() if k not in own and cfg[k] != v}
@@ -235,6 +246,39 @@ def test_shipped_teachers_are_inputs_of_the_stages_that_name_them(shipped, tmp_p
         runs.run(path, outputs=out)
     assert not list(run_dir.glob("opd_ocr.previous-*"))
     runs.run(path, outputs=out, only=["summary"])  # unless the stages that name it are not selected
+
+
+def test_a_worlds_teachers_are_named_by_its_placeholder_and_need_its_base(shipped, tmp_path, monkeypatch, capsys):
+    """`{teachers_dial}/<task>` is the dial world's teacher: an input of the stages naming it (not of
+    every stage), refused on another world's base, and a missing one says how to make it in its world."""
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: None)
+    (shipped / "teachers_dial" / "geneval").mkdir(parents=True)
+    (shipped / "teachers_dial" / "geneval" / "adapter.json").write_text("{}")
+    stage = {"name": "opd", "notebook": "notebooks/04_flow_opd.ipynb",
+             "parameters": {"teachers": {"geneval": "{teachers_dial}/geneval"}}}
+    path, out = tmp_path / "spec.yaml", tmp_path / "outputs"
+    path.write_text(yaml.safe_dump({"name": "s", "shared": {"base": "toy"}, "stages": [stage]}))
+    with pytest.raises(runs.RunError, match=r"'opd' uses the dial world's teachers \({teachers_dial}\) on the base "
+                                            r"'toy'; they adapt 'toy_glyph': set base: toy_glyph"):
+        runs.run(path, outputs=out)
+    assert not out.exists()
+    path.write_text(yaml.safe_dump({"name": "s", "shared": {"base": "toy_glyph", "conflict": 0.5}, "stages": [stage]}))
+    run_dir = runs.run(path, outputs=out)
+    record = (run_dir / "opd" / "shipped_assets.sha256").read_text().splitlines()
+    assert record[1].startswith("teacher teachers_dial/geneval ")
+    before = runs.shipped_assets_fingerprint()
+    (shipped / "teachers_dial" / "geneval" / "adapter.json").write_text('{"re": "shipped"}')
+    assert runs.shipped_assets_fingerprint() == before  # a world's teachers are no input of every stage
+    mixed = {**stage, "parameters": {"teachers": {"geneval": "{teachers_dial}/geneval", "ocr": "{teachers}/ocr"}}}
+    path.write_text(yaml.safe_dump({"name": "s", "shared": {"base": "toy_glyph"}, "stages": [mixed]}))
+    with pytest.raises(runs.RunError, match=r"teachers of several worlds \['dial', 'toy'\]"):
+        runs.run(path, outputs=out)
+    missing = {**stage, "parameters": {"teachers": {"ocr": "{teachers_dial}/ocr"}}}
+    path.write_text(yaml.safe_dump({"name": "s", "shared": {"base": "toy_glyph"}, "stages": [missing]}))
+    with pytest.raises(runs.RunError, match=r"\['teachers_dial/ocr'\], not shipped yet.*teachers train ocr --world dial"):
+        runs.run(path, outputs=out)
 
 
 def test_a_failing_stage_names_notebook_cell_and_error(spec, tmp_path):
