@@ -80,9 +80,10 @@ def curve_ends(run_dirs: dict[str, str | Path], prefix: str, last: int = 3) -> p
 
 def compare_runs(run_dirs: dict[str, str | Path], prefix: str, title: str = "", path=None):
     """One panel per metric whose name starts with `prefix` (e.g. "teacher_kl/"), one line per run:
-    the same curves of several runs side by side (e.g. the OPD objectives)."""
+    the same curves of several runs side by side (e.g. the OPD objectives). Standard-error columns
+    (`*_se`) are no panels of their own."""
     metrics = {label: read_metrics(d) for label, d in run_dirs.items()}
-    names = sorted({c for m in metrics.values() for c in m if c.startswith(prefix)})
+    names = sorted({c for m in metrics.values() for c in m if c.startswith(prefix) and not c.endswith("_se")})
     return panels(metrics, names or [prefix], title=title, path=path)
 
 

@@ -36,3 +36,16 @@ def test_the_dial_is_no_recipe_change_for_a_teacher_whose_rewards_do_not_read_it
         else:
             teachers.check_run_follows_recipe(task, run, "dial")
     assert yaml.safe_load((run / "config.yaml").read_text())["base"] == "toy_glyph"
+
+
+def test_a_world_changes_a_recipe_only_where_it_says(tmp_path):
+    """WORLD_CHANGES: the dial world's OCR teacher trains 100 updates (the glyph base learns OCR fast),
+    the toy world's keeps its 300; a run at the other budget is not the world's recipe."""
+    assert teachers.recipe_config("ocr", "x", world_name="dial").updates == 100
+    assert teachers.recipe_config("ocr", "x").updates == teachers.RECIPES["ocr"][1]["updates"] == 300
+    assert teachers.recipe_config("geneval", "x", world_name="dial").updates == teachers.RECIPES["geneval"][1]["updates"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(teachers.recipe_config("ocr", str(run), {"updates": 300}, "dial").to_yaml())
+    with pytest.raises(UserError, match=r"updates: run 300, recipe 100.*WORLD_CHANGES\['dial'\]"):
+        teachers.check_run_follows_recipe("ocr", run, "dial")
