@@ -20,7 +20,7 @@ from tiny import tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "papermill_runs" / "sd35m.yaml"
 COMMANDS = ["flowopd_lib.diagnostics.compare", "flowopd_lib.diagnostics.probe", "flowopd_lib.diagnostics.bench",
-            "flowopd_lib.diagnostics.curves", "flowopd_lib.diagnostics.eval_power",
+            "flowopd_lib.diagnostics.curves", "flowopd_lib.diagnostics.eval_power", "flowopd_lib.diagnostics.across_dial",
             "flowopd_lib.diagnostics.ocr_errors", "flowopd_lib.diagnostics.gpu_check", "flowopd_lib.dryrun",
             "flowopd_lib.distributed_eval"]
 

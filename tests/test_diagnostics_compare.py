@@ -47,3 +47,28 @@ def test_a_row_in_two_runs_may_be_two_copies_of_the_same_weights(tmp_path):
     rows = compare.joined_rows({"one": {**protocol, "main": {"merge": merge}}, "two": {**protocol, "main": {"merge": copy}}})
     assert rows == {"merge": merge}
     assert not compare.same_adapter(merge, other) and not compare.same_adapter(merge, None)
+
+
+def test_a_dial_summary_is_rescored_in_its_world_and_under_its_named_evaluation(tmp_path, monkeypatch):
+    """A summary at conflict 0.5 under the decisive evaluation: compare scores each task at that
+    setting (the PickScore proxy of the dial) and at the protocol's own sizes, as notebook 05 did."""
+    import pandas as pd
+
+    from flowopd_lib import evaluation
+    from flowopd_lib.rewards import conflict
+
+    asked = {}
+
+    def record(views, tasks, n_prompts, samples_per_prompt, **kwargs):
+        asked[tasks[0]] = (n_prompts, samples_per_prompt, conflict.get())
+        return pd.DataFrame([{"model": m, "metric": tasks[0], "prompt": p, "sample": 0, "stratum": tasks[0],
+                              "value": float(p + (m == "twin"))} for m in views for p in range(4)])
+    monkeypatch.setattr(evaluation, "sample_scores", record)
+    (tmp_path / "summary").mkdir()
+    (tmp_path / "summary" / "parameters.yaml").write_text(yaml.safe_dump(
+        {"main": {"base": None, "twin": None}, "base": "toy_glyph", "conflict": 0.5, "eval_protocol": "decisive",
+         "eval_prompts": 90, "eval_samples": 1, "seed": 0}))
+    table = compare.paired(tmp_path, ["twin"], "base")
+    assert asked == {t: (evaluation.DECISIVE["eval_prompts"][t], evaluation.DECISIVE["eval_samples"][t], 0.5)
+                     for t in evaluation.TASKS}
+    assert conflict.get() == 0.0 and (table["diff"] == 1.0).all()

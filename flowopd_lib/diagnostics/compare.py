@@ -24,8 +24,9 @@ from ..safe_files import read_mapping
 TABLES = ("main", "seesaw", "mar", "estimators", "merges")
 # What makes two runs' evaluations paired (the same prompts, noise and scorers), with the defaults
 # the summary notebook uses when a key is absent.
-PROTOCOL_DEFAULTS = {"base": "toy", "seed": None, "eval_prompts": None, "eval_samples": 1, "eval_steps": None,
-                     "eval_cfg": None, "shift": 1.0, "prompt_root": None, "task_rewards": None}
+PROTOCOL_DEFAULTS = {"base": "toy", "conflict": None, "seed": None, "eval_protocol": None, "eval_prompts": 90,
+                     "eval_samples": 1, "eval_steps": None, "eval_cfg": None, "shift": 1.0, "prompt_root": None,
+                     "task_rewards": None}
 
 
 def rows_of(params: dict) -> dict[str, str | None]:
@@ -83,6 +84,7 @@ def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage
     """`label - reference` for each label, per metric: diff and its paired 95% interval (low, high).
     Rows may come from `other_runs` too (same protocol); scores are cached in run_dir's cache."""
     from .. import adapters, evaluation, models
+    from ..rewards import conflict
 
     params_by_run = {str(run): read_mapping(Path(run) / summary_stage / "parameters.yaml", "a summary's parameters")
                      for run in (run_dir, *other_runs)}
@@ -98,11 +100,19 @@ def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage
     for i, label in enumerate([reference, *labels]):
         name = adapters.load(model, rows[label], f"r{i}") if rows[label] else None
         views[label] = adapters.view(model, name)
-    scores = evaluation.sample_scores(
-        views, n_prompts=protocol["eval_prompts"], samples_per_prompt=protocol["eval_samples"],
-        steps=protocol["eval_steps"], cfg_scale=protocol["eval_cfg"], seed=protocol["seed"], shift=protocol["shift"],
-        prompt_root=protocol["prompt_root"], reward_for_task=protocol["task_rewards"],
-        cache_dir=params.get("eval_cache"))
+    prompts, samples = evaluation.protocol_sizes(protocol["eval_protocol"], protocol["eval_prompts"],
+                                                 protocol["eval_samples"])
+    frames = []
+    with conflict.setting(protocol["conflict"] or 0.0):  # the world the summary scored in
+        for task in evaluation.TASKS:  # one task at a time: a named evaluation sizes each task its own way
+            frames.append(evaluation.sample_scores(
+                views, tasks=(task,), n_prompts=prompts if isinstance(prompts, int) else prompts[task],
+                samples_per_prompt=samples if isinstance(samples, int) else samples.get(task, 1),
+                steps=protocol["eval_steps"] or evaluation.PROTOCOL["steps"],
+                cfg_scale=protocol["eval_cfg"] or evaluation.PROTOCOL["cfg_scale"],
+                seed=protocol["seed"] or 0, shift=protocol["shift"], prompt_root=protocol["prompt_root"],
+                reward_for_task=protocol["task_rewards"], cache_dir=params.get("eval_cache")))
+    scores = pd.concat(frames, ignore_index=True)
     return pd.concat({label: evaluation.compare(scores, label, reference) for label in labels})
 
 

@@ -1,0 +1,124 @@
+"""Where, as conflict grows, does each method win? Every method's distance to the teachers against the dial.
+
+A study at one setting of the conflict dial (a run of dial_full.yaml, or toy_full.yaml for setting 0)
+ends in notebook 05's summary, which keeps every model's per-sample scores (`scores.csv`). For each
+setting, each method of its main table (seeds of one method pooled) and each distilled task, this
+measures the method minus that task's teacher on the teacher's own metric, paired (same prompts and
+noise) with a 95% bootstrap interval, beside the teacher's own gain over the base; 0 is "as good as
+the teacher". One panel per task, the settings along x:
+
+    python -m flowopd_lib.diagnostics.across_dial --run 0=papermill_runs/outputs/toy_full \\
+        --run 0.5=~/flowopd_runs/outputs/dial_full --out docs/figures/across_dial
+
+writes `across_dial.csv` and `across_dial.png` into the folder.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .. import claims, cli
+from ..safe_files import read_csv, read_mapping
+
+DISTILLED = ("geneval", "ocr", "pickscore")
+SEED = re.compile(r", seed \d+\)$")  # "Flow-OPD (merge init, seed 1)" is a seed of "Flow-OPD (merge init)"
+
+
+def method_of(label: str) -> str:
+    """The method a row label is a seed of (the label itself for seed 0 or a single run)."""
+    return SEED.sub(")", label)
+
+
+def labelled_scores(run_dir: Path, summary_stage: str = "summary") -> tuple[pd.DataFrame, dict]:
+    """(per-sample scores with models relabelled by the main table's row labels, that table)."""
+    folder = run_dir / summary_stage
+    main = read_mapping(folder / "parameters.yaml", "a summary's parameters").get("main") or {}
+    scores = read_csv(folder / "scores.csv", "a summary's per-sample scores")
+    scores["model"] = scores["model"].fillna("None")  # the base's key, str(None), reads back as missing
+    by_directory = {str(directory): label for label, directory in main.items()}
+    scores = scores[scores["model"].astype(str).isin(by_directory)].assign(
+        model=lambda s: s["model"].astype(str).map(by_directory))
+    return scores, main
+
+
+def distances(scores: pd.DataFrame, main: dict, setting: float, n_boot: int = 2000) -> pd.DataFrame:
+    """Rows (setting, method, task, diff, low, high): each method (its seeds pooled) minus the task's
+    teacher on the task's metric, and the teacher's gain over the base (method `teacher - base`)."""
+    pp = claims.per_prompt(scores)
+    methods: dict[str, list[str]] = {}
+    for label in main:
+        if label != "base" and not label.startswith("teacher "):
+            methods.setdefault(method_of(label), []).append(label)
+    rows = []
+    for task in DISTILLED:
+        teacher = f"teacher {task}"
+        if teacher not in pp.columns or task not in pp.index.get_level_values("metric"):
+            continue
+        measured = {"teacher - base": claims.difference(pp, teacher, "base", task, n_boot=n_boot)}
+        for method, labels in methods.items():
+            measured[method] = claims.difference(pp, labels, teacher, task, n_boot=n_boot)
+        rows += [{"setting": setting, "method": m, "task": task, "diff": d, "low": lo, "high": hi}
+                 for m, (d, lo, hi) in measured.items()]
+    return pd.DataFrame(rows)
+
+
+def figure(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(table["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        part = table[table["task"] == task]
+        for method, rows in part.groupby("method", sort=False):
+            rows = rows.sort_values("setting")
+            style = dict(color="black", ls="--") if method == "teacher - base" else {}
+            ax.errorbar(rows["setting"], rows["diff"], yerr=[rows["diff"] - rows["low"], rows["high"] - rows["diff"]],
+                        marker="o", capsize=3, lw=1, label=method, **style)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{task}: method - teacher (dashed: teacher - base)", fontsize=9)
+        ax.set_xlabel("conflict setting")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def setting_and_run(text: str) -> tuple[float, Path]:
+    setting, sep, run = text.partition("=")
+    try:
+        value = float(setting)
+    except ValueError:
+        value = None
+    if not sep or value is None or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: write SETTING=RUN_DIR with a conflict setting in [0, 1], e.g. "
+                            "0.5=papermill_runs/outputs/dial_full")
+    return value, Path(run).expanduser()
+
+
+@cli.entry
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.parser(__doc__)
+    parser.add_argument("--run", action="append", required=True, type=setting_and_run, metavar="SETTING=RUN_DIR",
+                        help="a study's run folder at a conflict setting; repeatable")
+    parser.add_argument("--summary-stage", default="summary")
+    parser.add_argument("--out", type=Path, default=Path("runs/across_dial"), help="folder (made if missing)")
+    args = parser.parse_args(argv)
+    for _, run in args.run:  # every input checked before any bootstrap
+        for name in ("parameters.yaml", "scores.csv"):
+            if not (run / args.summary_stage / name).is_file():
+                raise cli.UserError(f"{run / args.summary_stage / name} is missing: run the study's summary stage "
+                                    f"(python -m flowopd_lib.runs <spec> --only {args.summary_stage})")
+    table = pd.concat([distances(*labelled_scores(run, args.summary_stage), setting) for setting, run in args.run],
+                      ignore_index=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "across_dial.csv", index=False)
+    figure(table, args.out / "across_dial.png")
+    print(table.round(3).to_string(index=False))
+    print(f"wrote {args.out / 'across_dial.csv'} and {args.out / 'across_dial.png'}")
+
+
+if __name__ == "__main__":
+    main()
