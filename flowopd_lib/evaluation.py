@@ -69,7 +69,7 @@ PROTOCOL = {"cfg_scale": 1.0, "steps": 20, "seed": 0}
 # prompts (its small categories repeat by design); OCR's 400 need its test file's extension.
 # The study's specs name it (`eval_protocol: decisive`); `make run` keeps 90 x 1.
 DECISIVE = {"eval_prompts": {"geneval": 270, "ocr": 400, "pickscore": 200, "deqa": 200},
-            "eval_samples": {"geneval": 16, "ocr": 4, "pickscore": 4, "deqa": 8}}
+            "eval_samples": {"geneval": 8, "ocr": 4, "pickscore": 4, "deqa": 8}}
 NAMED_PROTOCOLS = {"decisive": DECISIVE}
 
 

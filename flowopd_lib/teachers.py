@@ -415,6 +415,35 @@ def table(destination: Path | None = None, world_name: str = "toy") -> str:
     return "\n".join(lines) if lines else "no teacher shipped yet\n"
 
 
+MATRIX_METRICS = ("geneval", "ocr", "pickscore", "pickscore_true", "deqa")
+
+
+def matrix(destination: Path | None = None, world_name: str = "toy"):
+    """The cross-task matrix of a world's shipped teachers (rows) on every metric (columns): each
+    recorded paired change from the base as "diff [low, high]" (95% interval), a cell marked * where
+    its interval excludes 0. DataFrame of strings; `matrix_values` gives the numbers."""
+    import pandas as pd
+
+    cells = {}
+    for task, change in matrix_values(destination, world_name).items():
+        cells[f"{task} teacher"] = {m: f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+                                    + ("*" if c["low"] > 0 or c["high"] < 0 else "") for m, c in change.items()}
+    return pd.DataFrame.from_dict(cells, orient="index", columns=list(MATRIX_METRICS))
+
+
+def matrix_values(destination: Path | None = None, world_name: str = "toy") -> dict[str, dict]:
+    """task -> metric -> {diff, low, high} of each shipped teacher's record (MATRIX_METRICS order)."""
+    out = {}
+    found = shipped(destination, world_name)
+    for task, directory in sorted(found.items(), key=lambda item: list(RECIPES).index(item[0])):
+        change = read_json_object(directory / "adapter.json", "a shipped teacher's record").get("metrics", {}).get("change")
+        if not isinstance(change, dict):
+            raise FileError(f"{directory / 'adapter.json'} has no recorded changes: ship the teacher again with "
+                            f"`python -m flowopd_lib.teachers ship {task} --run RUN --force`")
+        out[task] = {m: change[m] for m in MATRIX_METRICS if m in change}
+    return out
+
+
 def _table_rows(task: str, info: dict) -> list[str]:
     """`table`'s lines of one shipped teacher from its adapter.json."""
     m = info["metrics"]
@@ -462,9 +491,11 @@ def main(argv: list[str] | None = None) -> None:
                                                         "runs/replaced_teachers/<task>.previous-<date>)")
     tab = sub.add_parser("table", help="markdown of the shipped teachers' recorded metrics")
     tab.add_argument("--world", default="toy", choices=sorted(WORLDS))
+    tab.add_argument("--matrix", action="store_true", help="the cross-task matrix: every teacher's change on every "
+                                                           "metric, 95% interval, * where it excludes 0")
     args = parser.parse_args(argv)
     if args.command == "table":
-        print(table(world_name=args.world))
+        print(matrix(world_name=args.world).to_markdown() if args.matrix else table(world_name=args.world))
     elif args.command == "train":
         overrides = dict(cli.key_value(item, "-c") for item in args.config)
         train(args.task, args.out, overrides, args.eval_prompts, args.force, args.world)

@@ -91,3 +91,16 @@ def test_the_results_page_states_a_named_evaluations_sizes(tmp_path):
     line = summary.provenance_lines(tmp_path)[-1]
     assert "eval_protocol decisive" in line and f"eval_prompts {evaluation.DECISIVE['eval_prompts']}" in line
     assert "eval_prompts 90" not in line
+
+
+def test_the_shipped_measurement_reaches_every_target_at_the_decisive_protocol():
+    """assets/eval_power_dial: for each measured task the decisive row exists and is within its target,
+    and the quick one (90 x 1) is not: what issue 36 D asked the evaluation to reach."""
+    from flowopd_lib.diagnostics import eval_power
+
+    table = eval_power.shipped()
+    assert set(table["task"]) <= set(eval_power.TARGETS) and "geneval" in set(table["task"])
+    decisive = table[table["evaluation"] == "decisive"]
+    assert decisive["half_width"].notna().all() and (decisive["half_width"] <= decisive["target"]).all()
+    quick = table[table["evaluation"] == "quick"]
+    assert (quick["half_width"] > quick["target"]).all()

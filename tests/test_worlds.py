@@ -1,5 +1,7 @@
 """Teacher worlds (teachers.WORLDS): the base and conflict setting a recipe trains in, and where its
 teachers are shipped."""
+import json
+
 import pytest
 import yaml
 
@@ -49,3 +51,20 @@ def test_a_world_changes_a_recipe_only_where_it_says(tmp_path):
     (run / "config.yaml").write_text(teachers.recipe_config("ocr", str(run), {"updates": 300}, "dial").to_yaml())
     with pytest.raises(UserError, match=r"updates: run 300, recipe 100.*WORLD_CHANGES\['dial'\]"):
         teachers.check_run_follows_recipe("ocr", run, "dial")
+
+
+def test_the_cross_task_matrix_is_each_teachers_record_in_task_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(teachers, "ASSETS", tmp_path / "teachers")
+    changes = {"pickscore": {"geneval": (-0.1, -0.15, -0.05), "pickscore": (0.2, 0.15, 0.25)},
+               "geneval": {"geneval": (0.18, 0.12, 0.23), "pickscore": (0.01, -0.02, 0.04)}}
+    for task, change in changes.items():
+        (tmp_path / "teachers_dial" / task).mkdir(parents=True)
+        (tmp_path / "teachers_dial" / task / "adapter.json").write_text(json.dumps({"metrics": {"change": {
+            m: dict(zip(("diff", "low", "high"), v)) for m, v in change.items()}}}))
+    table = teachers.matrix(world_name="dial")
+    assert list(table.index) == ["geneval teacher", "pickscore teacher"]  # RECIPES' order, not the folders'
+    assert table.loc["pickscore teacher", "geneval"] == "-0.100 [-0.150, -0.050]*"
+    assert table.loc["geneval teacher", "pickscore"] == "+0.010 [-0.020, +0.040]"  # covers 0: no mark
+    (tmp_path / "teachers_dial" / "geneval" / "adapter.json").write_text("{}")
+    with pytest.raises(UserError, match=r"geneval/adapter.json has no recorded changes"):
+        teachers.matrix(world_name="dial")

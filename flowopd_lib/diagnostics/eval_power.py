@@ -12,7 +12,10 @@ protocol measured exactly; the others say what a smaller evaluation would give, 
     python -m flowopd_lib.diagnostics.eval_power --world dial --samples 16 --out docs/figures/eval_power_dial
 
 writes `<task>.csv` per task into the folder (a later run of other `--tasks` adds theirs) and prints
-each task's decisive row against its target (TARGETS).
+each task's decisive row against its target (TARGETS). The dial world's measurement is shipped as
+assets/eval_power_dial/<task>.csv (`shipped`; notebook 02 and docs/toy_world.md show it). The GenEval
+one sampled 16 seeds, when the protocol held 16; it holds 8 (0.028), whose row is read off the same
+table (the first 8 seeds of every draw).
 
 GenEval's test file holds 90 prompts (the grammar limits distinct prompts per category); its draws go
 category by category in turn, so 270 draws hold all 90 (the small categories repeat) and its width
@@ -29,6 +32,26 @@ from .. import adapters, cli, evaluation, models, stats, teachers
 from ..rewards import conflict
 
 TARGETS = {"geneval": 0.03, "ocr": 0.03, "pickscore": 0.03, "deqa": 0.08}  # issue 36 D's half-widths
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "eval_power_dial"
+
+
+def shipped(folder: Path = SHIPPED) -> pd.DataFrame:
+    """Per measured task: the quick evaluation (90 draws x 1 sample, `make run`'s) and the decisive one
+    (evaluation.DECISIVE, its row marked anew from the current protocol) with half-widths and images."""
+    from ..safe_files import read_csv
+
+    rows = []
+    for path in sorted(folder.glob("*.csv")):
+        table = read_csv(path, "an evaluation-power table")
+        task = table["task"].iloc[0]
+        sizes = {"quick": (90, 1), "decisive": (evaluation.DECISIVE["eval_prompts"][task],
+                                                evaluation.DECISIVE["eval_samples"][task])}
+        for name, (n, k) in sizes.items():
+            row = table[(table["prompts"] == n) & (table["samples"] == k)]
+            rows.append({"task": task, "evaluation": name, "draws": n, "samples": k,
+                         "images_per_model": n * k, "teacher - base": row["diff"].iloc[0] if len(row) else float("nan"),
+                         "half_width": row["half_width"].iloc[0] if len(row) else float("nan"), "target": TARGETS[task]})
+    return pd.DataFrame(rows)
 
 
 def sample_table(task: str, samples: int, world_name: str = "dial") -> pd.DataFrame:
