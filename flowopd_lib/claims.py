@@ -25,6 +25,7 @@ includes seed-to-seed variation: `stats.paired_bootstrap`).
         "teachers": {"geneval": "teacher geneval", "ocr": "teacher ocr",        # task -> its teacher
                      "pickscore": "teacher pickscore", "deqa": "teacher deqa"},
         "mix": "GRPO-Mix",                                                     # multi-reward RL
+        "mix_other_budget": "GRPO-Mix (teacher budget)",  # optional: claims 2b and 5b at another budget
         "seesaw": {"start": "base", "geneval": "+geneval", "ocr": "+ocr",      # in order: the model the
                    "pickscore": "+pickscore", "deqa": "+deqa"},                # stages start from, then
                                                                                # reward added -> model
@@ -45,6 +46,7 @@ The claims (metrics: the paper's four, geneval, ocr, pickscore, deqa, those the 
 5. Flow-OPD beats Mix on every metric (student - Mix > 0);
 6. Flow-OPD surpasses some distilled teacher on that teacher's metric (student - teacher > 0);
 7. MAR keeps image quality: DeQA of the students with MAR >= without (difference >= 0).
+2b, 5b: claims 2 and 5 with `mix_other_budget` as the Mix (not run without that role).
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ METRICS = ("geneval", "ocr", "pickscore", "deqa")
 FLOORS = {"deqa": 1.0}  # the lowest score of a metric's scale: ratios count from there
 RATIO_THRESHOLD = 0.95
 ATOL = 1e-6  # scores are float32: differences this small are rounding, not effects
-ROLES = ("base", "teachers", "mix", "seesaw", "students", "distilled", "students_without_mar")
+ROLES = ("base", "teachers", "mix", "mix_other_budget", "seesaw", "students", "distilled", "students_without_mar")
 COLUMNS = ["claim", "comparison", "metric", "estimate", "low", "high", "threshold", "verdict"]
 
 
@@ -231,6 +233,14 @@ def students_surpass_a_teacher(pp, roles, claim, **boot):
     return rows, any_of(r["verdict"] for r in rows)
 
 
+def at_other_budget(check):
+    """A Mix claim (2 or 5) judged with `mix_other_budget` as the Mix: the toy found the budget decides
+    claim 2, so a study states it at both (e.g. Mix at the distillation's samples and at a teacher's)."""
+    def run(pp, roles, claim, **boot):
+        return check(pp, {**roles, "mix": roles["mix_other_budget"]}, claim, **boot)
+    return run
+
+
 def mar_keeps_quality(pp, roles, claim, **boot):
     """7: DeQA of the students with MAR - without MAR >= 0."""
     row = _difference_row(pp, claim, roles["students"], roles["students_without_mar"], "deqa", ">=", boot)
@@ -252,6 +262,10 @@ CLAIMS = [  # (claim, statement, function, roles it needs)
      students_surpass_a_teacher, ("students", "teachers")),
     ("7 MAR keeps image quality", "DeQA of the student with MAR >= without MAR",
      mar_keeps_quality, ("students", "students_without_mar")),
+    ("2b Mix trades metrics (other budget)", "claim 2 with the Mix of the other budget",
+     at_other_budget(mix_trades_metrics), ("mix_other_budget", "teachers")),
+    ("5b Flow-OPD beats Mix (other budget)", "claim 5 with the Mix of the other budget",
+     at_other_budget(students_beat_mix), ("students", "mix_other_budget")),
 ]
 
 

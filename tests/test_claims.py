@@ -138,7 +138,7 @@ def test_verdict_logic():
 
 def test_evaluate_reports_every_claim_and_missing_roles_as_not_run():
     scores = scores_of(levels())
-    overview, detail = claims.evaluate(scores, ROLES, n_boot=500)
+    overview, detail = claims.evaluate(scores, {**ROLES, "mix_other_budget": "mix"}, n_boot=500)
     assert list(overview["verdict"]) == [claims.HOLDS] * len(claims.CLAIMS)
     assert list(detail.columns) == claims.COLUMNS and len(detail) > len(claims.CLAIMS)
     partial = {k: v for k, v in ROLES.items() if k not in ("mix", "seesaw")}
@@ -146,7 +146,8 @@ def test_evaluate_reports_every_claim_and_missing_roles_as_not_run():
     overview, detail = claims.evaluate(scores, partial, n_boot=500)
     verdicts = dict(zip(overview["claim"], overview["verdict"]))
     assert [verdicts[c] for c, *_ in claims.CLAIMS] == [claims.HOLDS, claims.NOT_RUN, claims.NOT_RUN, claims.HOLDS,
-                                                        claims.NOT_RUN, claims.HOLDS, claims.NOT_RUN]
+                                                        claims.NOT_RUN, claims.HOLDS, claims.NOT_RUN, claims.NOT_RUN,
+                                                        claims.NOT_RUN]
     assert "missing: never trained" in set(detail["comparison"]) and "missing: role mix" in set(detail["comparison"])
     assert claims.evaluate(scores.iloc[:0], ROLES)[0]["verdict"].eq(claims.NOT_RUN).all()
     with pytest.raises(ValueError, match="unknown claim roles"):
@@ -182,3 +183,18 @@ def test_notebook_labels_and_the_results_page(tmp_path):
     assert page.index("## claims") < page.index("## main")
     assert "| 1 teachers specialise" in page and "cannot tell: it covers the threshold" in page
     assert "0.950 [" not in page and "holds" in page
+
+
+def test_claims_2_and_5_at_the_other_mix_budget_judge_that_mix_and_only_with_the_role():
+    """2b / 5b swap in `mix_other_budget`: a Mix at a teacher's budget that catches every teacher and
+    beats the students makes 2b and 5b fail while 2 and 5 (the small-budget Mix) hold."""
+    world = levels()
+    world["mix long"] = {"geneval": 0.61, "ocr": 0.71, "pickscore": 0.71, "deqa": 3.7}
+    overview, _ = claims.evaluate(scores_of(world), {**ROLES, "mix_other_budget": "mix long"}, n_boot=500)
+    verdict = overview.set_index("claim")["verdict"]
+    assert verdict["2 Mix trades metrics"] == verdict["5 Flow-OPD beats Mix"] == claims.HOLDS
+    assert verdict["2b Mix trades metrics (other budget)"] == claims.FAILS
+    assert verdict["5b Flow-OPD beats Mix (other budget)"] == claims.FAILS
+    overview, detail = claims.evaluate(scores_of(levels()), ROLES, n_boot=200)
+    assert overview.set_index("claim").loc["2b Mix trades metrics (other budget)", "verdict"] == claims.NOT_RUN
+    assert "missing: role mix_other_budget" in set(detail["comparison"])
