@@ -289,13 +289,14 @@ def files_fingerprint(folder: Path, skip: tuple[Path, ...] = ()) -> str:
 
 
 def shipped_assets_fingerprint() -> str:
-    """sha256 over the files of flowopd_lib/assets but every world's shipped teachers: what the toy
-    world ships to every stage (bases, PickScore scorers, prompts). The teachers count only for the
-    stages that name them (`shipped_teachers_used`). Not cached: a stage that ships a retrained base
-    changes it for the stages after it (~10 ms)."""
+    """sha256 over the files of flowopd_lib/assets but every world's shipped teachers and the measured
+    tables (assets/measured: records of diagnostics, read by no stage): what the toy world ships to every
+    stage (bases, PickScore scorers, prompts). The teachers count only for the stages that name them
+    (`shipped_teachers_used`). Not cached: a stage that ships a retrained base changes it for the
+    stages after it (~10 ms)."""
     from .models import ASSETS
 
-    return files_fingerprint(ASSETS, skip=tuple(PLACEHOLDERS.values()))
+    return files_fingerprint(ASSETS, skip=(*PLACEHOLDERS.values(), ASSETS / "measured"))
 
 
 def shipped_teachers_used(params) -> dict[str, Path]:

@@ -94,7 +94,7 @@ def test_the_results_page_states_a_named_evaluations_sizes(tmp_path):
 
 
 def test_the_shipped_measurement_reaches_every_target_at_the_decisive_protocol():
-    """assets/eval_power_dial: for each measured task the decisive row exists and is within its target,
+    """assets/measured/eval_power_dial: for each measured task the decisive row exists and is within its target,
     and the quick one (90 x 1) is not: what issue 36 D asked the evaluation to reach."""
     from flowopd_lib.diagnostics import eval_power
 

@@ -226,6 +226,12 @@ def test_shipped_teachers_are_inputs_of_the_stages_that_name_them(shipped, tmp_p
     before = runs.shipped_assets_fingerprint()
     (shipped / "teachers" / "geneval" / "pytorch_lora_weights.safetensors").write_bytes(b"re-shipped")
     assert runs.shipped_assets_fingerprint() == before  # the teachers are not part of every stage's inputs
+    (shipped / "measured").mkdir()
+    (shipped / "measured" / "eval_power.csv").write_text("a,b\n1,2\n")  # a diagnostic's record: no input either
+    assert runs.shipped_assets_fingerprint() == before
+    (shipped / "base_toy" / "model.safetensors").write_bytes(b"retrained")  # the base is
+    assert runs.shipped_assets_fingerprint() != before
+    (shipped / "base_toy" / "model.safetensors").write_bytes(b"base")
     params = yaml.safe_load((run_dir / "opd_ocr" / "parameters.yaml").read_text())
     assert not runs.inputs_changed(run_dir / "opd_ocr", params, True)
     assert runs.inputs_changed(run_dir / "opd_geneval", yaml.safe_load(

@@ -14,7 +14,7 @@ in <out>/<task>_c<setting>_measure.json (reused); <out>/calibration.csv holds a 
 teacher, metric), <out>/calibration.png one panel per metric: each teacher's change against the dial.
 `default_setting` reads the default off the table: the smallest setting at which the PickScore
 teacher lowers GenEval (interval below 0) and another teacher lowers another task's metric. The
-measured table is shipped as assets/conflict_calibration.csv (`shipped_table`; docs/toy_world.md).
+measured table is shipped as assets/measured/conflict_calibration.csv (`shipped_table`; docs/toy_world.md).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from ..rewards import conflict, pickscore
 from ..safe_files import read_csv
 
 WORLD = "dial"  # teachers.WORLDS: the glyph base; the setting varies here
-SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "conflict_calibration.csv"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "measured" / "conflict_calibration.csv"
 METRICS = ("geneval", "ocr", "pickscore", "pickscore_true", "deqa")
 
 

@@ -9,11 +9,11 @@ recomputes the paired bootstrap interval of teacher minus base on a subset (the 
 first k seeds) and reports its half-width. The row at the protocol's own sizes (`decisive`) is the
 protocol measured exactly; the others say what a smaller evaluation would give, with its cost in images.
 
-    python -m flowopd_lib.diagnostics.eval_power --world dial --samples 16 --out docs/figures/eval_power_dial
+    python -m flowopd_lib.diagnostics.eval_power --world dial --samples 16 --out flowopd_lib/assets/measured/eval_power_dial
 
 writes `<task>.csv` per task into the folder (a later run of other `--tasks` adds theirs) and prints
 each task's decisive row against its target (TARGETS). The dial world's measurement is shipped as
-assets/eval_power_dial/<task>.csv (`shipped`; notebook 02 and docs/toy_world.md show it). The GenEval
+assets/measured/eval_power_dial/<task>.csv (`shipped`; notebook 02 and docs/toy_world.md show it). The GenEval
 one sampled 16 seeds, when the protocol held 16; it holds 8 (0.028), whose row is read off the same
 table (the first 8 seeds of every draw).
 
@@ -32,7 +32,7 @@ from .. import adapters, cli, evaluation, models, stats, teachers
 from ..rewards import conflict
 
 TARGETS = {"geneval": 0.03, "ocr": 0.03, "pickscore": 0.03, "deqa": 0.08}  # issue 36 D's half-widths
-SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "eval_power_dial"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "measured" / "eval_power_dial"
 
 
 def shipped(folder: Path = SHIPPED) -> pd.DataFrame:
