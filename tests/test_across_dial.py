@@ -59,3 +59,13 @@ def test_a_bad_run_is_one_line_and_exit_2_before_anything(run, said, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
     import re
     assert re.search(said, done.stderr) or said.replace("\\", "") in done.stderr
+
+
+def test_notebook_05_draws_the_comparison_across_the_dial(tmp_path):
+    """Notebook 05's `dial_runs`: the same table as the command, from the same two studies."""
+    study(tmp_path / "zero", gap=0.0)
+    study(tmp_path / "half", gap=0.2)
+    table = across_dial.measure({0: tmp_path / "zero", "0.5": str(tmp_path / "half")})
+    assert sorted(set(table["setting"])) == [0.0, 0.5]
+    with pytest.raises(across_dial.cli.UserError, match="scores.csv is missing|parameters.yaml is missing"):
+        across_dial.measure({0.5: tmp_path / "nowhere"})

@@ -65,6 +65,19 @@ def distances(scores: pd.DataFrame, main: dict, setting: float, n_boot: int = 20
     return pd.DataFrame(rows)
 
 
+def measure(runs: dict[float, str | Path], summary_stage: str = "summary") -> pd.DataFrame:
+    """`distances` of every run (conflict setting -> its run folder), one table; each run's summary
+    files are checked before any bootstrap (a missing one is a cli.UserError naming it)."""
+    runs = {float(setting): Path(run).expanduser() for setting, run in runs.items()}
+    for run in runs.values():
+        for name in ("parameters.yaml", "scores.csv"):
+            if not (run / summary_stage / name).is_file():
+                raise cli.UserError(f"{run / summary_stage / name} is missing: run the study's summary stage "
+                                    f"(python -m flowopd_lib.runs <spec> --only {summary_stage})")
+    return pd.concat([distances(*labelled_scores(run, summary_stage), setting) for setting, run in runs.items()],
+                     ignore_index=True)
+
+
 def figure(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -106,13 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summary-stage", default="summary")
     parser.add_argument("--out", type=Path, default=Path("runs/across_dial"), help="folder (made if missing)")
     args = parser.parse_args(argv)
-    for _, run in args.run:  # every input checked before any bootstrap
-        for name in ("parameters.yaml", "scores.csv"):
-            if not (run / args.summary_stage / name).is_file():
-                raise cli.UserError(f"{run / args.summary_stage / name} is missing: run the study's summary stage "
-                                    f"(python -m flowopd_lib.runs <spec> --only {args.summary_stage})")
-    table = pd.concat([distances(*labelled_scores(run, args.summary_stage), setting) for setting, run in args.run],
-                      ignore_index=True)
+    table = measure(dict(args.run), args.summary_stage)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "across_dial.csv", index=False)
     figure(table, args.out / "across_dial.png")
