@@ -97,7 +97,8 @@ def recipe_settings(task: str, world_name: str = "toy") -> tuple[str, dict]:
 
 def assets_of(world_name: str) -> Path:
     """Where the world's teachers are shipped (read at call time: a test that moves ASSETS moves all)."""
-    return ASSETS.with_name(world(world_name).teachers_folder)
+    folder = world(world_name).folder
+    return ASSETS if folder is None else ASSETS.with_name(folder)
 
 
 def reads_pickscore(task: str) -> bool:
