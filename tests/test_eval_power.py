@@ -104,3 +104,20 @@ def test_the_shipped_measurement_reaches_every_target_at_the_decisive_protocol()
     assert decisive["half_width"].notna().all() and (decisive["half_width"] <= decisive["target"]).all()
     quick = table[table["evaluation"] == "quick"]
     assert (quick["half_width"] > quick["target"]).all()
+
+
+def test_a_task_without_a_shipped_teacher_is_refused_before_any_sampling(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from flowopd_lib import teachers
+    from flowopd_lib.diagnostics import eval_power
+
+    monkeypatch.setattr(teachers, "ASSETS", tmp_path / "teachers")  # a world with only an OCR teacher
+    (tmp_path / "teachers_dial" / "ocr").mkdir(parents=True)
+    (tmp_path / "teachers_dial" / "ocr" / "adapter.json").write_text("{}")
+    monkeypatch.setattr(eval_power.evaluation, "sample_scores", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(eval_power.models, "load_base", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        eval_power.main(["--world", "dial", "--tasks", "ocr", "geneval", "--samples", "8", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "no shipped geneval teacher in the dial world" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

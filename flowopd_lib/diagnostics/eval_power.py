@@ -54,16 +54,21 @@ def shipped(folder: Path = SHIPPED) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def teacher_of(task: str, world_name: str) -> Path:
+    """The world's shipped teacher of `task` (a cli.UserError naming how to ship one if none is)."""
+    found = teachers.shipped(world_name=world_name)
+    if task not in found:
+        raise cli.UserError(f"no shipped {task} teacher in the {world_name} world ({teachers.assets_of(world_name)}); "
+                            f"ship it with `python -m flowopd_lib.teachers ship {task} --world {world_name} --run RUN`")
+    return found[task]
+
+
 def sample_table(task: str, samples: int, world_name: str = "dial") -> pd.DataFrame:
     """Per-sample scores of the world's base and its shipped teacher of `task` on the task's decisive
     test draws, in the world's conflict setting."""
     where = teachers.world(world_name)
-    shipped = teachers.shipped(world_name=world_name)
-    if task not in shipped:
-        raise cli.UserError(f"no shipped {task} teacher in the {world_name} world ({teachers.assets_of(world_name)}); "
-                            f"ship it with `python -m flowopd_lib.teachers ship {task} --world {world_name} --run RUN`")
     model = models.load_base(where.base)
-    name = adapters.load(model, shipped[task], f"teacher_{task}")
+    name = adapters.load(model, teacher_of(task, world_name), f"teacher_{task}")
     views = {"base": adapters.view(model, None), "teacher": adapters.view(model, name)}
     with conflict.setting(where.conflict):
         return evaluation.sample_scores(views, tasks=(task,), n_prompts=evaluation.DECISIVE["eval_prompts"][task],
@@ -113,9 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     if short:
         raise cli.UserError(f"--samples {args.samples} is fewer than the decisive protocol's samples for {short} "
                             f"({ {t: evaluation.DECISIVE['eval_samples'][t] for t in short} }): raise --samples")
-    for task in args.tasks:  # refuse a missing teacher before any sampling
-        if task not in teachers.shipped(world_name=args.world):
-            sample_table(task, args.samples, args.world)
+    for task in args.tasks:  # a missing teacher is refused before any sampling
+        teacher_of(task, args.world)
     if args.out.exists() and not args.out.is_dir():
         raise cli.UserError(f"--out {args.out} is a file; name a folder (one CSV per task is written into it)")
     args.out.mkdir(parents=True, exist_ok=True)
