@@ -250,7 +250,7 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 # The on-policy distillation methods side by side (docs/method.md section 8), each a set of OPDConfig
-# settings on this one loop: notebook 04's `method` and papermill_runs/opd_methods.yaml name them.
+# settings on this one loop: notebook 04's `method` and papermill_runs/dial_opd_methods.yaml name them.
 METHODS: dict[str, dict] = {
     "flow_opd": {"objective": "kl"},                            # the direct per-step KL (what the released code trains)
     "flow_opd_paper": {"objective": "pg_detached"},             # the paper's text: PG on the detached KL

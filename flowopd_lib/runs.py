@@ -329,24 +329,19 @@ def world_of(teacher: str) -> str:
     return next(name for name in worlds.WORLDS if worlds.placeholder(name) == placeholder)
 
 
-def check_world(stage: dict, params: dict) -> None:
+def check_teachers_base(stage: dict, params: dict) -> None:
     """A stage that uses a world's teachers runs on that world's base: a dial teacher (adapted to
     toy_glyph) loaded on the base `toy` would run, and mean nothing."""
-    import ast
-
-    import papermill
-
     used = {world_of(name) for name in shipped_teachers_used(params)}
     if len(used) > 1:
         raise UsageError(f"stage {stage['name']!r} uses the teachers of several worlds {sorted(used)}: each world's "
                          f"teachers adapt its own base ({ {w: worlds.WORLDS[w].base for w in sorted(used)} })")
-    declared = papermill.inspect_notebook(str(ROOT / stage["notebook"]))
-    if not used or "base" not in declared:
+    base = stage_base(stage, params)
+    if not used or base is None:
         return
-    where = worlds.WORLDS[used.pop()]
-    base = params.get("base", ast.literal_eval(declared["base"]["default"]))
+    name = used.pop()
+    where = worlds.WORLDS[name]
     if base != where.base:
-        name = next(n for n, w in worlds.WORLDS.items() if w == where)
         raise UsageError(f"stage {stage['name']!r} uses the {name} world's teachers ({{{worlds.placeholder(name)}}}) on "
                          f"the base {base!r}; they adapt {where.base!r}: set base: {where.base} (and conflict: "
                          f"{where.conflict:g}) in the spec's shared parameters")
@@ -369,20 +364,25 @@ def missing_teachers(params: dict) -> dict[str, Path]:
     return {name: d for name, d in shipped_teachers_used(params).items() if not (d / "adapter.json").exists()}
 
 
-def on_toy_base(stage: dict, params: dict) -> bool:
-    """Whether the stage runs on a shipped toy base (so its results depend on the shipped assets): its
-    notebook takes a `base`, and the stage's value, else the notebook's default, names one of
-    models.BASES. SD3.5-M stages do not."""
+def stage_base(stage: dict, params: dict):
+    """The base the stage runs on: its `base` parameter, else its notebook's default (None: a notebook
+    without a `base`, e.g. SD3.5-M's)."""
     import ast
 
     import papermill
 
-    from . import models
-
     declared = papermill.inspect_notebook(str(ROOT / stage["notebook"]))
     if "base" not in declared:
-        return False
-    return params.get("base", ast.literal_eval(declared["base"]["default"])) in models.BASES
+        return None
+    return params.get("base", ast.literal_eval(declared["base"]["default"]))
+
+
+def on_toy_base(stage: dict, params: dict) -> bool:
+    """Whether the stage runs on a shipped toy base (models.BASES), so its results depend on the
+    shipped assets. SD3.5-M stages do not."""
+    from . import models
+
+    return stage_base(stage, params) in models.BASES
 
 
 def inputs_changed(out_dir: Path, params: dict, on_shipped_assets: bool) -> bool:
@@ -497,7 +497,7 @@ def check_runnable(plan: list, chosen: list[bool], jobs: int) -> None:
                              f"`python -m flowopd_lib.teachers train {task}{flag} --out runs/teachers/{task}` and "
                              f"`python -m flowopd_lib.teachers ship {task}{flag} --run runs/teachers/{task}`")
         if selected:
-            check_world(stage, params)
+            check_teachers_base(stage, params)
     on_gpus = gpu_launch_stages([p for p, selected in zip(plan, chosen) if selected])
     if jobs > 1 and on_gpus:
         raise UsageError(f"--jobs {jobs} runs stages side by side, but {len(on_gpus)} stage(s) train as accelerate "

@@ -148,7 +148,7 @@ def test_toy_specs_name_shipped_teachers_that_have_recipes(path, tmp_path):
     used = set()
     for stage, _, params in runs.plan_stages(runs.load_spec(path), tmp_path, {}):
         used |= set(runs.shipped_teachers_used(params))
-        runs.check_world(stage, params)
+        runs.check_teachers_base(stage, params)
     assert used and {name.split("/")[-1] for name in used} <= set(teachers.RECIPES)
     assert len({runs.world_of(name) for name in used}) == 1  # one world's teachers per study
 
