@@ -58,9 +58,10 @@ written or started.
 
 `--jobs N` runs up to N stages at once, in spec order, each as soon as the stages it refers to are
 done (independent trainings side by side, then the stages that consume them), with cores / N
-threads each. It is for stages that train in their kernel (the toy world) or as CPU ranks: a run
-in which a selected stage trains as an `accelerate launch` job on GPUs (num_processes > 1, not a
-CPU accelerate config) is refused before anything starts (exit status 2), since its stages would
+threads each (all the cores for a last stage that runs alone, such as a summary). It is for
+stages that train in their kernel (the toy world) or as CPU ranks: a run in which a selected
+stage trains as an `accelerate launch` job on GPUs (num_processes > 1, not a CPU accelerate
+config) is refused before anything starts (exit status 2), since its stages would
 share the GPUs and the rendezvous port; such runs go one stage at a time, each on every GPU.
 """
 from __future__ import annotations
@@ -631,12 +632,18 @@ def run_in_order(spec: dict, todo: list) -> None:
         raise RunError(f"{failure_report(spec, failed, blocked)}\n" + "\n".join(errors))
 
 
+def child_threads(cores: int, jobs: int, others: int) -> int:
+    """Threads for a stage that `--jobs` starts while `others` stages run or wait: a share of the
+    cores, or all of them when it is the run's last stage to start and none runs beside it (a
+    summary evaluating every adapter would otherwise keep one core of two for itself alone)."""
+    return cores if others == 0 else max(1, cores // jobs)
+
+
 def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict, outputs: Path, jobs: int) -> None:
     """Run the stages in `todo` up to `jobs` at a time, each as soon as the stages it refers to
-    have finished, in child runners (`--only`) whose kernels get cpu_count // jobs threads. A failing
+    have finished, in child runners (`--only`) whose kernels get cpu_count // jobs threads (all of them
+    for a stage that starts alone with nothing left to wait: the summary at the end). A failing
     stage stops only its consumers; the others go on."""
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     waiting = [stage for stage, _, _ in todo]
     deps = {s["name"]: dependencies(s) & {w["name"] for w in waiting} for s in waiting}
     flags = [f for k, v in overrides.items() for f in ("-p", f"{k}={json.dumps(v)}")]
@@ -651,8 +658,10 @@ def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict,
         for stage in [s for s in waiting if deps[s["name"]] <= finished][: jobs - len(running)]:
             command = [sys.executable, "-m", "flowopd_lib.runs", str(spec_path), "--only", stage["name"],
                        "--outputs", str(outputs), "--quiet", *flags]
-            running[stage["name"]] = subprocess.Popen(command, env=env)
             waiting.remove(stage)
+            threads = str(child_threads(os.cpu_count() or 1, jobs, others=len(running) + len(waiting)))
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            running[stage["name"]] = subprocess.Popen(command, env=env)
         time.sleep(0.5)
         for name, process in list(running.items()):
             if process.poll() is not None:

@@ -675,3 +675,26 @@ def test_the_opd_methods_spec_trains_each_named_method_at_equal_samples(tmp_path
         assert (cfg.init_adapter is None) == (start == "base"), name
         samples.setdefault(start, set()).add(cfg.updates * cfg.prompts_per_update * cfg.group_size)
     assert all(len(s) == 1 for s in samples.values()), samples
+
+
+def test_parallel_jobs_give_a_last_stage_alone_every_core(spec, tmp_path, monkeypatch):
+    """--jobs 2 shares the cores between the two teachers; the cold start, which starts alone with
+    nothing left to wait for (as a summary does), gets all of them rather than idling half the machine."""
+    started = {}
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, command, env):
+            started[command[command.index("--only") + 1]] = int(env["OMP_NUM_THREADS"])
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(runs.subprocess, "Popen", Finished)
+    monkeypatch.setattr(runs.os, "cpu_count", lambda: 8)
+    plan = runs.plan_stages(runs.load_spec(spec), tmp_path / "outputs" / "tiny_study")
+    runs.run_parallel(spec, runs.load_spec(spec), plan, {}, tmp_path / "outputs", jobs=2)
+    assert started == {"teacher_geneval": 4, "teacher_ocr": 4, "coldstart": 8}
+    assert runs.child_threads(2, 2, others=1) == 1 and runs.child_threads(2, 2, others=0) == 2
+    assert runs.child_threads(1, 4, others=3) == 1  # never 0 threads
