@@ -183,19 +183,26 @@ def updated_readme(readme: str | Path, run_dir: Path, summary_stage: str, page: 
     return replace_block(read_text(readme, "a README"), readme_block(run_dir, summary_stage, link), str(readme))
 
 
+def figures_name(run_dir: Path, summary_stage: str) -> str:
+    """The page's figures folder under figures/: the run's name, and the summary stage's where a run
+    has several (dial_opd_methods.yaml: summary_merge, summary_base), so one page never replaces
+    another's figures."""
+    return run_dir.name if summary_stage == "summary" else f"{run_dir.name}_{summary_stage}"
+
+
 @cli.entry
 def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("run_dir", help="a run's output folder, e.g. papermill_runs/outputs/toy_full")
     parser.add_argument("--summary-stage", default="summary")
     parser.add_argument("--out", type=cli.new_file, help="write the page here, its figures beside it in "
-                                                          "figures/<run name>/ (default: print the page without figures)")
+                                                          "figures/<run name>[_<summary stage>]/ (default: print the page without figures)")
     parser.add_argument("--readme", help="also put the main table into this README, between its generated-results markers")
     parser.add_argument("--force", action="store_true", help="replace --out even if it is not a page this command generated")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     check_summary(run_dir, args.summary_stage)
-    page = render(run_dir, args.summary_stage, f"figures/{run_dir.name}" if args.out else None)
+    page = render(run_dir, args.summary_stage, f"figures/{figures_name(run_dir, args.summary_stage)}" if args.out else None)
     readme = updated_readme(args.readme, run_dir, args.summary_stage, args.out) if args.readme else None
     if args.out:
         check_page(args.out, args.force)
@@ -209,7 +216,7 @@ def write(args, run_dir: Path, page: str, readme: str | None) -> None:
     changes none of them)."""
     files = {**({args.out: page} if args.out else {}), **({Path(args.readme): readme} if readme is not None else {})}
     pngs = sorted((run_dir / args.summary_stage).glob("*.png"))
-    figures = args.out.parent / "figures" / run_dir.name if args.out else None
+    figures = args.out.parent / "figures" / figures_name(run_dir, args.summary_stage) if args.out else None
     replace_together(files, {figures: lambda new: [shutil.copy2(png, new / png.name) for png in pngs]} if figures else {})
     if args.out:
         print(f"wrote {args.out} and {len(pngs)} figures in {figures}")

@@ -72,3 +72,20 @@ def test_the_page_replaces_only_a_generated_page_unless_forced(tmp_path, capsys)
     assert "0.300 ± 0.020" in (docs / "results.md").read_text() and "0.300 ± 0.020" in readme.read_text()
     assert (docs / "figures" / "run" / "main_table.png").read_bytes() == b"png"
     assert sorted(p.name for p in docs.iterdir()) == ["figures", "notes.md", "results.md"]  # nothing left beside
+
+
+def test_two_summaries_of_one_run_keep_their_own_figures(tmp_path):
+    """dial_opd_methods.yaml has two summary stages (from the merge, from the base): each page links
+    its own figures, and writing the second page leaves the first one's figures in place."""
+    run = summary_run(tmp_path)
+    other = run / "summary_base"
+    other.mkdir()
+    summary.save("main", pd.DataFrame({"geneval": [0.4], "geneval_se": [0.02]}, index=["base"]), other)
+    (other / "main_table.png").write_bytes(b"other png")
+    docs, _ = pages(tmp_path)
+    summary.main([str(run), "--out", str(docs / "results.md")])
+    summary.main([str(run), "--summary-stage", "summary_base", "--out", str(docs / "results_base.md")])
+    assert (docs / "figures" / "run" / "main_table.png").read_bytes() == b"png"
+    assert (docs / "figures" / "run_summary_base" / "main_table.png").read_bytes() == b"other png"
+    assert "figures/run_summary_base/main_table.png" in (docs / "results_base.md").read_text()
+    assert "figures/run/main_table.png" in (docs / "results.md").read_text()
