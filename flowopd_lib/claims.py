@@ -269,6 +269,22 @@ CLAIMS = [  # (claim, statement, function, roles it needs)
 ]
 
 
+# The paper's own evidence for each claim (SD3.5-M, its table of results: docs/method.md), shown beside
+# our verdict. PickScore is on its raw scale (~21-23); DeQA 1-5; ratios of DeQA count from its floor.
+PAPER = {
+    "1 teachers specialise": "PickScore teacher: GenEval 0.63 -> 0.51; GenEval teacher: PickScore 21.64 -> 21.53, "
+                             "DeQA 4.07 -> 4.01; the DeQA teacher lowers no metric",
+    "2 Mix trades metrics": "GRPO-Mix vs teacher: GenEval 0.73 vs 0.94, OCR 0.83 vs 0.92, PickScore 21.84 vs 23.19",
+    "3 stacking seesaws": "GenEval 0.94 -> 0.89 (+OCR) -> 0.82 (+PickScore) -> 0.73 (+DeQA); OCR 0.91 -> 0.86 (+PickScore)",
+    "4 Flow-OPD keeps each skill": "student / teacher: GenEval 0.98, OCR 1.02, PickScore 0.995, DeQA 1.04",
+    "5 Flow-OPD beats Mix": "Flow-OPD - GRPO-Mix: GenEval +0.19, OCR +0.11, PickScore +1.24, DeQA +0.02",
+    "6 Flow-OPD surpasses a teacher": "OCR 0.94 vs 0.92, DeQA 4.35 vs 4.23",
+    "7 MAR keeps image quality": "with / without MAR: ImageReward 1.36 / 1.26, HPS 0.330 / 0.300 (DeQA not reported)",
+    "2b Mix trades metrics (other budget)": "one GRPO-Mix, its budget not stated",
+    "5b Flow-OPD beats Mix (other budget)": "one GRPO-Mix, its budget not stated",
+}
+
+
 def check_roles(roles: dict) -> None:
     """Unknown role names are typos (they would silently leave a claim not run)."""
     unknown = sorted(set(roles) - set(ROLES))
@@ -280,15 +296,15 @@ def check_roles(roles: dict) -> None:
 
 
 def evaluate(scores: pd.DataFrame, roles: dict, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(overview: a row per claim with its statement and verdict, detail: a row per comparison with
-    COLUMNS) from `evaluation.sample_scores` and roles (module docstring)."""
+    """(overview: a row per claim with its statement, the paper's evidence (PAPER) and our verdict,
+    detail: a row per comparison with COLUMNS) from `evaluation.sample_scores` and roles (module docstring)."""
     check_roles(roles)
     pp = per_prompt(scores)
     overview, detail = [], []
     for claim, statement, check, needed in CLAIMS:
         missing = _missing(pp, roles, needed)
         rows, result = _not_run(claim, missing) if missing else check(pp, roles, claim, n_boot=n_boot, seed=seed)
-        overview.append({"claim": claim, "statement": statement, "verdict": result})
+        overview.append({"claim": claim, "statement": statement, "paper (SD3.5-M)": PAPER[claim], "verdict": result})
         detail += rows
     return pd.DataFrame(overview), pd.DataFrame(detail, columns=COLUMNS)
 

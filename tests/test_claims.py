@@ -198,3 +198,17 @@ def test_claims_2_and_5_at_the_other_mix_budget_judge_that_mix_and_only_with_the
     overview, detail = claims.evaluate(scores_of(levels()), ROLES, n_boot=200)
     assert overview.set_index("claim").loc["2b Mix trades metrics (other budget)", "verdict"] == claims.NOT_RUN
     assert "missing: role mix_other_budget" in set(detail["comparison"])
+
+
+def test_each_claim_shows_the_papers_own_numbers_beside_its_verdict():
+    """Issue 37 C: a verdict is read against the paper's evidence (SD3.5-M, its Table of results), so
+    the overview carries it per claim, and the numbers are the paper's (METHOD.md section 7)."""
+    overview, _ = claims.evaluate(scores_of(levels()), ROLES, n_boot=100)
+    assert list(overview.columns) == ["claim", "statement", "paper (SD3.5-M)", "verdict"]
+    paper = dict(zip(overview["claim"], overview["paper (SD3.5-M)"]))
+    assert all(paper[c] for c, *_ in claims.CLAIMS)  # every claim, the other-budget ones included
+    assert "0.63 -> 0.51" in paper["1 teachers specialise"]  # the PickScore teacher's GenEval
+    assert "0.73" in paper["2 Mix trades metrics"] and "0.94" in paper["2 Mix trades metrics"]
+    assert "0.89 (+OCR) -> 0.82 (+PickScore)" in paper["3 stacking seesaws"]
+    assert "0.98" in paper["4 Flow-OPD keeps each skill"]  # GenEval 0.92 / 0.94
+    assert "+0.19" in paper["5 Flow-OPD beats Mix"] and "0.94 vs 0.92" in paper["6 Flow-OPD surpasses a teacher"]
