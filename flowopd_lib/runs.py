@@ -19,7 +19,11 @@ earlier one), and `{teachers}` is the folder of the shipped toy teachers, flowop
 (`python -m flowopd_lib.teachers ship <task>` puts them there), so `"{teachers}/geneval"` is the
 shipped GenEval teacher's adapter directory: a spec uses it without a stage that trains it.
 `{teachers_dial}` is the dial world's (flowopd_lib/worlds.py); a stage using a world's teachers must
-run on that world's base (`base: toy_glyph` for the dial's), else the spec is refused. A
+run on that world's base (`base: toy_glyph` for the dial's), else the spec is refused. A spec
+that says `world: <name>` is a study of a world: its stages name the world's teachers
+`{world_teachers}`, the world sets every stage's `base` and `conflict`, and `--world <other>` runs
+the same study in another world, as the run `<name>_<other>` (dial_full.yaml is the study at
+conflict 0.5; `--world toy` at setting 0). A
 stage that names a teacher not shipped yet stops the run before anything starts, saying how to
 train and ship it. Every stage gets `out_dir` = papermill_runs/outputs/<run>/<stage>, and only the
 shared parameters its notebook declares (papermill's `inspect_notebook`: the names assigned in
@@ -50,7 +54,7 @@ idle on one error); the run then fails naming the notebook, the cell and the err
 produced stays, so the next run re-does only what failed and its consumers. The run directory also
 holds the spec, the git commit and package versions.
 
-    python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N]
+    python -m flowopd_lib.runs papermill_runs/toy_quick.yaml [--only S] [--from S] [-p key=value] [--jobs N] [--world W]
 
 A wrong spec or command line (a YAML error, `stages` not a list of mappings, a run name that is not
 one folder name under --outputs, an unknown key) is one line and exit status 2 before anything is
@@ -103,8 +107,9 @@ class UsageError(RunError, cli.UserError):
     line, exit status 2, as argparse's errors)."""
 
 
-def load_spec(path: str | Path) -> dict:
-    """The run spec at `path`, its shape checked (UsageError naming the file and the fault)."""
+def load_spec(path: str | Path, world: str | None = None) -> dict:
+    """The run spec at `path`, its shape checked (UsageError naming the file and the fault), in
+    `world` where it is a study of a world (`in_world`)."""
     try:
         spec = safe_files.read_mapping(path, "a run spec")
     except safe_files.FileError as error:
@@ -125,7 +130,38 @@ def load_spec(path: str | Path) -> dict:
         if not isinstance(value, dict):
             raise UsageError(f"{path}: the {where} must be a mapping of parameter: value, not {str(value)[:60]!r}")
     check_stages(path, stages)
-    return spec
+    return in_world(spec, path, world)
+
+
+WORLD_TEACHERS = "{world_teachers}"  # a world spec's name for its world's shipped teachers folder
+
+
+def in_world(spec: dict, path: str | Path, world: str | None) -> dict:
+    """A spec with `world: <name>` is a study of that world, run in another with `--world`: its
+    stages name the world's teachers `{world_teachers}`, and the world sets every stage's `base`
+    and `conflict` (worlds.WORLDS), so one spec is the study at every setting of the dial. In a
+    world other than its own the run is named `<name>_<world>` (its own folder under --outputs)."""
+    own = spec.get("world")
+    if own is None:
+        if world is not None:
+            raise UsageError(f"{path} is not a study of a world (no 'world:' key), so --world {world} cannot move "
+                             "it; run it without --world")
+        if WORLD_TEACHERS in json.dumps(spec["stages"]):
+            raise UsageError(f"{path} names {WORLD_TEACHERS} but says no world: add 'world: <name>' "
+                             f"(worlds: {sorted(worlds.WORLDS)})")
+        return spec
+    chosen = world or own
+    for name in (own, chosen):
+        if name not in worlds.WORLDS:
+            raise UsageError(f"{path}: unknown world {name!r}; worlds: {sorted(worlds.WORLDS)} (flowopd_lib/worlds.py)")
+    set_here = sorted({"base", "conflict"} & set(spec["shared"]))
+    if set_here:
+        raise UsageError(f"{path}: shared {set_here} are the world's ({own}: base {worlds.WORLDS[own].base}, "
+                         f"conflict {worlds.WORLDS[own].conflict}); remove them, or drop 'world:'")
+    w = worlds.WORLDS[chosen]
+    stages = json.loads(json.dumps(spec["stages"]).replace(WORLD_TEACHERS, "{%s}" % worlds.placeholder(chosen)))
+    return {**spec, "name": spec["name"] if chosen == own else f"{spec['name']}_{chosen}", "world": chosen,
+            "shared": {**spec["shared"], "base": w.base, "conflict": w.conflict}, "stages": stages}
 
 
 def check_stages(path: str | Path, stages: list[dict]) -> None:
@@ -455,10 +491,11 @@ def fresh_stamp(run_dir: Path) -> str:
 
 
 def run(spec_path: str | Path, only: list[str] | None = None, start: str | None = None,
-        overrides: dict | None = None, outputs: Path = OUTPUTS, jobs: int = 1, report: bool = True) -> Path:
+        overrides: dict | None = None, outputs: Path = OUTPUTS, jobs: int = 1, report: bool = True,
+        world: str | None = None) -> Path:
     """Execute the spec's stages in order (see the module docstring); returns the run directory.
     Everything is checked and decided before anything is written, moved or started."""
-    spec, overrides = load_spec(spec_path), overrides or {}
+    spec, overrides = load_spec(spec_path, world), overrides or {}
     run_dir = outputs / spec["name"]
     names = [s["name"] for s in spec["stages"]]
     for name in (only or []) + ([start] if start else []):
@@ -657,7 +694,8 @@ def run_parallel(spec_path: str | Path, spec: dict, todo: list, overrides: dict,
             blocked.append(stage)
         for stage in [s for s in waiting if deps[s["name"]] <= finished][: jobs - len(running)]:
             command = [sys.executable, "-m", "flowopd_lib.runs", str(spec_path), "--only", stage["name"],
-                       "--outputs", str(outputs), "--quiet", *flags]
+                       "--outputs", str(outputs), "--quiet", *flags,
+                       *(["--world", spec["world"]] if spec.get("world") else [])]
             waiting.remove(stage)
             threads = str(child_threads(os.cpu_count() or 1, jobs, others=len(running) + len(waiting)))
             env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -686,11 +724,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="run up to this many independent stages at once (each with cores / jobs threads); "
                              "refused for stages that train as accelerate jobs on GPUs")
     parser.add_argument("--outputs", type=Path, default=OUTPUTS, help="where run directories go")
+    parser.add_argument("--world", help="run a world's study (a spec with 'world:') in another world of "
+                                        "flowopd_lib/worlds.py, e.g. toy: its teachers, base and conflict; "
+                                        "the run is named <spec name>_<world>")
     parser.add_argument("--quiet", dest="report", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides = dict(parse_override(o) for o in args.overrides)
     try:
-        run(args.spec, args.only, args.start, overrides, args.outputs, args.jobs, args.report)
+        run(args.spec, args.only, args.start, overrides, args.outputs, args.jobs, args.report, args.world)
     except UsageError:
         raise  # cli.entry: one line, exit status 2
     except RunError as err:  # a stage failed: the message names it, its cell and its log

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from flowopd_lib import dryrun, runs
+from flowopd_lib import dryrun, runs, worlds
 from flowopd_lib.models.toy import ToyFlowModel
 from flowopd_lib.trainer import OnPolicyConfig
 from guards import refused, tree
@@ -698,3 +698,75 @@ def test_parallel_jobs_give_a_last_stage_alone_every_core(spec, tmp_path, monkey
     assert started == {"teacher_geneval": 4, "teacher_ocr": 4, "coldstart": 8}
     assert runs.child_threads(2, 2, others=1) == 1 and runs.child_threads(2, 2, others=0) == 2
     assert runs.child_threads(1, 4, others=3) == 1  # never 0 threads
+
+
+DIAL_FULL = runs.ROOT / "papermill_runs" / "dial_full.yaml"
+
+
+def test_a_world_study_runs_at_another_setting_of_the_dial_by_name(tmp_path):
+    """Issue 37 A: one spec is the study at every setting. dial_full.yaml in its own world (dial) and
+    with --world toy: each stage's base, conflict and teachers are the world's, in a run of its own."""
+    teachers = {name: runs.ROOT / "flowopd_lib" / "assets" / w.teachers_folder for name, w in worlds.WORLDS.items()}
+    for world, name in ((None, "dial_full"), ("dial", "dial_full"), ("toy", "dial_full_toy")):
+        spec = runs.load_spec(DIAL_FULL, world)
+        w = worlds.WORLDS[world or "dial"]
+        assert spec["name"] == name and spec["world"] == (world or "dial")
+        plan = {stage["name"]: params for stage, _, params in runs.plan_stages(spec, tmp_path / name)}
+        for stage, params in plan.items():
+            assert (params["base"], params["conflict"]) == (w.base, w.conflict), stage
+        assert plan["opd_merge"]["teachers"]["ocr"] == str(teachers[world or "dial"] / "ocr")
+        assert plan["summary"]["main"]["teacher deqa"] == str(teachers[world or "dial"] / "deqa")
+        assert plan["opd_merge"]["init_adapter"] == str(tmp_path / name / "coldstart" / "merge_delta")
+    assert "{world_teachers}" in DIAL_FULL.read_text()  # the spec names no world's folder itself
+
+
+def world_spec(tmp_path, **changes):
+    spec = {"name": "w", "world": "toy", "shared": {"seed": 0},
+            "stages": [{"name": "opd", "notebook": "notebooks/04_flow_opd.ipynb",
+                        "parameters": {"teachers": {"ocr": "{world_teachers}/ocr"}}}]}
+    spec.update(changes)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("case, argv, words", [
+    ("unknown world", ["--world", "dail"], ["'dail'", "dial", "toy"]),
+    ("not a world spec", ["--world", "toy"], ["no 'world:' key", "without --world"]),
+    ("teachers without a world", [], ["{world_teachers}", "world: <name>"]),
+    ("base set beside the world", [], ["['base', 'conflict']", "remove them"]),
+])
+def test_a_wrong_world_is_one_line_before_anything_is_written(tmp_path, capsys, case, argv, words):
+    changes = {"not a world spec": {"world": None, "stages": [{"name": "a", "notebook": "notebooks/05_ablations.ipynb"}]},
+               "teachers without a world": {"world": None},
+               "base set beside the world": {"shared": {"base": "toy", "conflict": 0.0}}}.get(case, {})
+    path = world_spec(tmp_path, **changes)
+    if changes.get("world", 1) is None:
+        data = yaml.safe_load(path.read_text())
+        del data["world"]
+        path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "outputs"
+    said = refused(capsys, runs.main, [str(path), "--outputs", str(out), *argv])
+    assert all(w in said for w in words), said
+    assert not out.exists()
+
+
+def test_parallel_children_run_in_the_parents_world(tmp_path, monkeypatch):
+    """--jobs children re-read the spec: without --world they would run the study in the spec's own
+    world, in another folder."""
+    commands = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, command, env):
+            commands.append(command)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(runs.subprocess, "Popen", Finished)
+    spec = runs.load_spec(DIAL_FULL, "toy")
+    plan = runs.plan_stages(spec, tmp_path / spec["name"])[:3]
+    runs.run_parallel(DIAL_FULL, spec, plan, {}, tmp_path, jobs=2)
+    assert len(commands) == 3 and all(c[c.index("--world") + 1] == "toy" for c in commands)

@@ -1,14 +1,15 @@
 """Where, as conflict grows, does each method win? Every method's distance to the teachers against the dial.
 
-A study at one setting of the conflict dial (a run of dial_full.yaml, or toy_full.yaml for setting 0)
-ends in notebook 05's summary, which keeps every model's per-sample scores (`scores.csv`). For each
+A study at one setting of the conflict dial (a run of dial_full.yaml: `dial_full` at 0.5, `dial_full_toy`
+at setting 0 with `--world toy`) ends in notebook 05's summary, which keeps every model's per-sample
+scores (`scores.csv`). For each
 setting, each method of its main table (seeds of one method pooled) and each distilled task, this
 measures the method minus that task's teacher on the teacher's own metric, paired (same prompts and
 noise) with a 95% bootstrap interval, beside the teacher's own gain over the base; 0 is "as good as
 the teacher". One panel per task, the settings along x:
 
-    python -m flowopd_lib.diagnostics.across_dial --run 0=papermill_runs/outputs/toy_full \\
-        --run 0.5=~/flowopd_runs/outputs/dial_full --out docs/figures/across_dial
+    python -m flowopd_lib.diagnostics.across_dial --run 0=papermill_runs/outputs/dial_full_toy \\
+        --run 0.5=papermill_runs/outputs/dial_full --out docs/figures/across_dial
 
 writes `across_dial.csv` and `across_dial.png` into the folder.
 """
