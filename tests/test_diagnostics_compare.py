@@ -72,3 +72,34 @@ def test_a_dial_summary_is_rescored_in_its_world_and_under_its_named_evaluation(
     assert asked == {t: (evaluation.DECISIVE["eval_prompts"][t], evaluation.DECISIVE["eval_samples"][t], 0.5)
                      for t in evaluation.TASKS}
     assert conflict.get() == 0.0 and (table["diff"] == 1.0).all()
+
+
+def test_a_summary_with_per_sample_scores_is_compared_from_them_without_sampling(tmp_path, monkeypatch):
+    """A decisive summary is ~6,000 images a model: compare reads notebook 05's scores.csv (the very
+    samples the summary's tables and claims come from) instead of generating them again. Rows of a
+    second run (--with) come from its own scores.csv; a label two tables share (the MAR table's row
+    naming the main table's adapter) reads the same samples."""
+    import pandas as pd
+
+    from flowopd_lib import evaluation
+
+    def never(*args, **kwargs):
+        raise AssertionError("compare sampled although the summary kept its per-sample scores")
+    monkeypatch.setattr(evaluation, "sample_scores", never)
+
+    def summary(run, main, values):
+        (run / "summary").mkdir(parents=True)
+        (run / "summary" / "parameters.yaml").write_text(yaml.safe_dump(
+            {"main": main, "mar": {"with MAR": main["student"]} if "student" in main else {}, "seed": 0,
+             "eval_prompts": 4}))
+        pd.DataFrame([{"model": str(directory), "metric": metric, "prompt": p, "sample": s, "stratum": metric,
+                       "value": values[str(directory)] + p}
+                      for directory in main.values() for metric in ("geneval", "ocr") for p in range(4) for s in (0, 1)]
+                     ).to_csv(run / "summary" / "scores.csv", index=False)
+
+    summary(tmp_path / "study", {"base": None, "student": "s/adapter"}, {"None": 0.0, "s/adapter": 0.25})
+    summary(tmp_path / "mix", {"base": None, "Mix": "m/adapter"}, {"None": 0.0, "m/adapter": 0.5})
+    table = compare.paired(tmp_path / "study", ["student", "with MAR", "Mix"], "base",
+                           other_runs=(tmp_path / "mix",))
+    assert table.loc["student", "diff"].tolist() == [0.25, 0.25] and table.loc["with MAR", "diff"].tolist() == [0.25, 0.25]
+    assert table.loc["Mix", "diff"].tolist() == [0.5, 0.5]

@@ -2,9 +2,10 @@
 
 The summary (notebook 05) tabulates each model alone; a question such as "does Flow-OPD add anything
 to the merge it starts from?" needs the paired difference of two rows on the same prompts and noise.
-This reads the summary stage's parameters (row label -> adapter, evaluation protocol), scores the
-named rows through the run's evaluation cache (no new sampling when the summary ran) and prints
-`row - reference` per metric with a paired bootstrap 95% interval:
+This reads the summary stage's parameters (row label -> adapter, evaluation protocol) and the
+per-sample scores its summary kept (`scores.csv`: the samples behind its tables and claims; a summary
+from before that file is scored again through the run's evaluation cache) and prints `row - reference`
+per metric with a paired bootstrap 95% interval:
 
     python -m flowopd_lib.diagnostics.compare papermill_runs/outputs/toy_full \\
         "Flow-OPD (merge init)" "merge (cold start)"
@@ -79,10 +80,28 @@ def same_adapter(first: str | None, second: str | None) -> bool:
     return weights[0].keys() == weights[1].keys() and all(weights[0][k].equal(weights[1][k]) for k in weights[0])
 
 
+def kept_scores(params_by_run: dict[str, dict], rows: dict[str, str | None], summary_stage: str) -> pd.DataFrame | None:
+    """The per-sample scores of `rows` (label -> adapter directory) from the runs' summaries
+    (notebook 05's scores.csv, models named by directory; the first run holding a directory wins),
+    relabelled; None where a run has no scores.csv (summaries from before it) or a row is in none."""
+    from ..safe_files import read_csv
+
+    paths = [Path(run) / summary_stage / "scores.csv" for run in params_by_run]
+    if not all(path.exists() for path in paths):
+        return None
+    kept = pd.concat([read_csv(path, "a summary's per-sample scores") for path in paths], ignore_index=True)
+    kept["model"] = kept["model"].fillna("None").astype(str)  # the base's name, str(None), reads back as missing
+    kept = kept.drop_duplicates(["model", "metric", "prompt", "sample"])
+    frames = [kept[kept["model"] == str(directory)].assign(model=label) for label, directory in rows.items()]
+    return None if any(frame.empty for frame in frames) else pd.concat(frames, ignore_index=True)
+
+
 def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage: str = "summary",
            other_runs: tuple[str | Path, ...] = ()) -> pd.DataFrame:
     """`label - reference` for each label, per metric: diff and its paired 95% interval (low, high).
-    Rows may come from `other_runs` too (same protocol); scores are cached in run_dir's cache."""
+    Rows may come from `other_runs` too (same protocol). The summaries' per-sample scores
+    (`kept_scores`) where they hold every row; else the rows are scored again, through run_dir's
+    evaluation cache."""
     from .. import adapters, evaluation, models
     from ..rewards import conflict
 
@@ -94,6 +113,9 @@ def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage
     if unknown:
         runs = " + ".join(f"{run}/{summary_stage}" for run in params_by_run)
         raise cli.UserError(f"no row(s) {unknown} in {runs}; rows: {sorted(rows)}")
+    kept = kept_scores(params_by_run, {label: rows[label] for label in [reference, *labels]}, summary_stage)
+    if kept is not None:
+        return pd.concat({label: evaluation.compare(kept, label, reference) for label in labels})
     protocol = protocol_of(params)
     model = models.load_base(protocol["base"])
     views = {}
