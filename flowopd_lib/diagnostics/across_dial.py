@@ -2,11 +2,10 @@
 
 A study at one setting of the conflict dial (a run of dial_full.yaml: `dial_full` at 0.5, `dial_full_toy`
 at setting 0 with `--world toy`) ends in notebook 05's summary, which keeps every model's per-sample
-scores (`scores.csv`). For each
-setting, each method of its main table (seeds of one method pooled) and each distilled task, this
-measures the method minus that task's teacher on the teacher's own metric, paired (same prompts and
-noise) with a 95% bootstrap interval, beside the teacher's own gain over the base; 0 is "as good as
-the teacher". One panel per task, the settings along x:
+scores (`scores.csv`). For each setting, each method of its main table (seeds of one method pooled)
+and each distilled task, this measures the method minus that task's teacher on the teacher's own
+metric, paired (same prompts and noise) with a 95% bootstrap interval, beside the teacher's own gain
+over the base; 0 is "as good as the teacher". One panel per task, the settings along x:
 
     python -m flowopd_lib.diagnostics.across_dial --run 0=papermill_runs/outputs/dial_full_toy \\
         --run 0.5=papermill_runs/outputs/dial_full --out docs/figures/across_dial
@@ -22,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from .. import claims, cli
-from ..safe_files import read_csv, read_mapping
+from . import compare
+from ..safe_files import read_mapping
 
 DISTILLED = ("geneval", "ocr", "pickscore")
 SEED = re.compile(r", seed \d+\)$")  # "Flow-OPD (merge init, seed 1)" is a seed of "Flow-OPD (merge init)"
@@ -37,11 +37,10 @@ def labelled_scores(run_dir: Path, summary_stage: str = "summary") -> tuple[pd.D
     """(per-sample scores with models relabelled by the main table's row labels, that table)."""
     folder = run_dir / summary_stage
     main = read_mapping(folder / "parameters.yaml", "a summary's parameters").get("main") or {}
-    scores = read_csv(folder / "scores.csv", "a summary's per-sample scores")
-    scores["model"] = scores["model"].fillna("None")  # the base's key, str(None), reads back as missing
-    by_directory = {str(directory): label for label, directory in main.items()}
-    scores = scores[scores["model"].astype(str).isin(by_directory)].assign(
-        model=lambda s: s["model"].astype(str).map(by_directory))
+    scores = compare.kept_scores({str(run_dir): {}}, main, summary_stage)
+    if scores is None:
+        raise cli.UserError(f"{folder / 'scores.csv'} lacks some row of the summary's main table: run its "
+                            "summary stage again")
     return scores, main
 
 
