@@ -5,7 +5,7 @@ Notebook 05 measures every adapter a study trained (one base, the same prompts a
 writes `<table>_table.csv` / `.md` into its folder; `render` turns that folder into markdown
 (docs/results.md) with the run's command, commit and protocol, so no number is typed by hand:
 
-    python -m flowopd_lib.summary papermill_runs/outputs/toy_full --out docs/results.md --readme README.md
+    python -m flowopd_lib.summary papermill_runs/outputs/dial_full --out docs/results.md --readme README.md
 
 (`--readme` puts the main table, with the same provenance, between the README's generated-results markers.)
 Everything is checked before anything is written (the run has summary tables and readable records,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -97,6 +98,27 @@ def save_claims(overview: pd.DataFrame, detail: pd.DataFrame, out_dir: str | Pat
     (out_dir / "claims_table.md").write_text(claims.markdown(overview, detail) + "\n")
 
 
+def home_as_tilde(arg: str) -> str:
+    """A command-line argument with the home folder written `~`, as a reader would type it."""
+    home = str(Path.home())
+    return "~" + arg[len(home):] if arg == home or arg.startswith(home + os.sep) else arg
+
+
+def stage_commits(run_dir: Path, commit: str | None) -> str:
+    """The commits the run's stages ran at (each stage's provenance.json), when they are not all the
+    runner's last start's: a run resumed across sessions trains its stages at several commits."""
+    counts = Counter()
+    spec = read_mapping(run_dir / "spec.yaml", "a run's spec") if (run_dir / "spec.yaml").exists() else {}
+    for stage in spec.get("stages", []):  # the spec's stages, not the backups set aside beside them
+        record = run_dir / stage["name"] / "provenance.json"
+        if record.exists():
+            counts[read_json_object(record, "a stage's provenance record").get("git", {}).get("commit")] += 1
+    if set(counts) <= {commit}:
+        return ""
+    listed = ", ".join(f"`{c}` ({n} stage{'s' if n > 1 else ''})" for c, n in counts.most_common())
+    return f"; the run was resumed, its stages ran at {listed} (each stage's provenance.json)"
+
+
 def provenance_lines(run_dir: str | Path, summary_stage: str = "summary") -> list[str]:
     """Markdown bullets: the run's command, commit, start and evaluation protocol (from the run's
     provenance.json and the summary stage's parameters.yaml)."""
@@ -109,10 +131,11 @@ def provenance_lines(run_dir: str | Path, summary_stage: str = "summary") -> lis
     if protocol.get("eval_protocol"):  # a named evaluation's sizes, not the defaults it replaced
         protocol["eval_prompts"], protocol["eval_samples"] = evaluation.protocol_sizes(
             protocol["eval_protocol"], None, None)
-    return [f"- command: `python -m flowopd_lib.runs {' '.join(provenance.get('argv', [])[1:])}`",
-            f"- commit: `{provenance.get('git', {}).get('commit')}`"
-            + (" (uncommitted changes)" if provenance.get("git", {}).get("dirty") else "")
-            + f", started {provenance.get('started')} on {provenance.get('torch_threads')} torch threads",
+    commit = provenance.get("git", {}).get("commit")
+    return [f"- command: `python -m flowopd_lib.runs {' '.join(map(home_as_tilde, provenance.get('argv', [])[1:]))}`",
+            f"- commit: `{commit}`" + (" (uncommitted changes)" if provenance.get("git", {}).get("dirty") else "")
+            + f", started {provenance.get('started')} on {provenance.get('torch_threads')} torch threads"
+            + stage_commits(run_dir, commit),
             f"- evaluation protocol: {', '.join(f'{k} {v}' for k, v in protocol.items())}; every model on the same "
             "prompts and noise; ± is one standard error over prompts"]
 

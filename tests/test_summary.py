@@ -89,3 +89,24 @@ def test_two_summaries_of_one_run_keep_their_own_figures(tmp_path):
     assert (docs / "figures" / "run_summary_base" / "main_table.png").read_bytes() == b"other png"
     assert "figures/run_summary_base/main_table.png" in (docs / "results_base.md").read_text()
     assert "figures/run/main_table.png" in (docs / "results.md").read_text()
+
+
+def test_a_resumed_run_names_every_commit_its_stages_ran_at_and_no_home_folder(tmp_path, monkeypatch):
+    """A run resumed across sessions: the runner's provenance.json is its last start's, so the page
+    said every number came from the commit of the resume. Each stage records its own; the page lists
+    them. The command is shown with `~` for the home folder, the way a reader types it."""
+    run = summary_run(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (run / "provenance.json").write_text(json.dumps(
+        {"git": {"commit": "last"}, "started": "t2", "torch_threads": 1,
+         "argv": ["runs.py", "spec.yaml", "--outputs", str(tmp_path / "home" / "runs")]}))
+    (run / "spec.yaml").write_text(yaml.safe_dump({"name": "run", "stages": [{"name": s} for s in "a b summary".split()]}))
+    for stage, commit in (("a", "old"), ("b", "old"), ("summary", "last"), ("a.before-1", "older")):  # + a backup
+        (run / stage).mkdir(exist_ok=True)
+        (run / stage / "provenance.json").write_text(json.dumps({"git": {"commit": commit}}))
+    page = summary.render(run)
+    assert "--outputs ~/runs`" in page and str(tmp_path / "home") not in page
+    assert "`old` (2 stages)" in page and "`last` (1 stage)" in page
+    (run / "a" / "provenance.json").write_text(json.dumps({"git": {"commit": "last", "dirty": True}}))
+    (run / "b" / "provenance.json").unlink()  # a stage without a record (an old run): not counted
+    assert "stages" not in summary.render(run).split("- evaluation")[0].split("commit:")[1]
