@@ -89,6 +89,30 @@ def save(name: str, table: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
     return shown
 
 
+def paired_changes(scores: pd.DataFrame, rows: dict[str, str | None], reference: str) -> pd.DataFrame:
+    """Every row of `rows` (label -> adapter directory, None = base; the scores' models are
+    str(directory)) minus the row `reference`, paired on the same prompts and noise
+    (`evaluation.changes`): one row per (label, metric) with diff, low, high and verdict."""
+    if reference not in rows:
+        raise ValueError(f"reference {reference!r} is not one of the rows {list(rows)}: name one of them")
+    parts = [scores[scores["model"] == str(d)].assign(model=label) for label, d in rows.items()]
+    return evaluation.changes(pd.concat(parts, ignore_index=True), reference=reference)
+
+
+def save_changes(name: str, changes: pd.DataFrame, out_dir: str | Path, digits: int = 3) -> pd.DataFrame:
+    """`<name>_table.csv` (numbers, from `paired_changes`) and `<name>_table.md` (a label per row, a metric
+    per column, `diff [low, high]`, starred where the interval excludes 0) in out_dir; returns the shown table."""
+    out_dir = Path(out_dir)
+    changes.to_csv(out_dir / f"{name}_table.csv")
+    cells = [f"{r['diff']:+.{digits}f} [{r['low']:+.{digits}f}, {r['high']:+.{digits}f}]"
+             + ("" if r["verdict"] == "no difference" else " *") for _, r in changes.iterrows()]
+    shown = changes.assign(cell=cells)["cell"].unstack("metric")
+    shown = shown.loc[list(dict.fromkeys(changes.index.get_level_values("model"))),
+                      list(dict.fromkeys(changes.index.get_level_values("metric")))]
+    (out_dir / f"{name}_table.md").write_text(shown.to_markdown() + "\n\n* the paired 95% interval excludes 0\n")
+    return shown
+
+
 def save_claims(overview: pd.DataFrame, detail: pd.DataFrame, out_dir: str | Path) -> None:
     """claims_table.csv (every comparison, numbers), claims_overview.csv (a verdict per claim) and
     claims_table.md (`claims.markdown`: both, with what the verdicts mean) in out_dir."""

@@ -33,3 +33,14 @@ def test_a_mistyped_parameter_stops_the_notebook_in_its_first_cell(tmp_path):
     cells = json.loads((tmp_path / "05.ipynb").read_text())["cells"]
     ran = [c for c in cells if c["cell_type"] == "code" and c.get("execution_count")]
     assert len(ran) == 3  # the parameters, the injected ones, and the check: nothing computed
+
+
+def test_an_estimators_reference_not_among_the_estimators_stops_notebook_05_before_evaluating(tmp_path):
+    """Issue 37 B: the paired comparison's reference is checked before the (hour-long, under the
+    decisive protocol) evaluation, not after it."""
+    params = {"estimators": {"kl": None, "no_teacher": None}, "estimators_reference": "no-teacher",
+              "out_dir": str(tmp_path / "out")}
+    with pytest.raises(PapermillExecutionError, match="estimators_reference 'no-teacher' is not a label"):
+        notebook.execute(NOTEBOOKS / "05_ablations.ipynb", tmp_path / "05.ipynb", params, cwd=tmp_path)
+    assert not (tmp_path / "out" / "scores.csv").exists()
+    assert not list((tmp_path / "out").glob("eval_scores*"))

@@ -31,7 +31,8 @@ TINY = {
     "05_ablations.ipynb": dict(base=TINY_BASE, main={"base": None, "teacher geneval": "<teacher:geneval>",
                                                       "teacher ocr": "<teacher:ocr>"},
                                seesaw={"base": None, "+geneval": "<teacher:geneval>"},
-                               estimators={"kl": "<teacher:geneval>"}, eval_prompts=4, eval_steps=2,
+                               estimators={"kl": "<teacher:geneval>", "control": "<teacher:ocr>"},
+                               estimators_reference="control", eval_prompts=4, eval_steps=2,
                                claims={"base": "base", "teachers": {"geneval": "teacher geneval", "ocr": "teacher ocr"},
                                        "seesaw": {"start": "base", "geneval": "+geneval"}}),
     "02_teacher_grpo.ipynb": dict(recipe="pickscore", extra={"train_timesteps": 2}, base=TINY_BASE, updates=2,  # grpo: test_runs
@@ -77,6 +78,9 @@ def test_notebook_runs_under_papermill(name, tmp_path, monkeypatch):
                            for k, v in value.items()}
     notebook.execute(NOTEBOOKS / name, tmp_path / name, params, cwd=tmp_path)
     assert any((tmp_path / "out").glob("*.png")), "the notebook saves its figures next to its outputs"
+    if name == "05_ablations.ipynb":  # the methods paired against estimators_reference
+        assert "| kl " in (tmp_path / "out" / "estimator_changes_table.md").read_text()
+        assert (tmp_path / "out" / "estimator_changes.png").exists()
     assert not warning_boxes(tmp_path / name)
 
 

@@ -3,6 +3,7 @@ summary, whole or not at all, and never over a page it did not generate unless t
 import json
 
 import pandas as pd
+import pytest
 import yaml
 
 from flowopd_lib import summary
@@ -110,3 +111,31 @@ def test_a_resumed_run_names_every_commit_its_stages_ran_at_and_no_home_folder(t
     (run / "a" / "provenance.json").write_text(json.dumps({"git": {"commit": "last", "dirty": True}}))
     (run / "b" / "provenance.json").unlink()  # a stage without a record (an old run): not counted
     assert "stages" not in summary.render(run).split("- evaluation")[0].split("commit:")[1]
+
+
+def test_paired_changes_against_a_reference_row_on_known_differences(tmp_path):
+    """Issue 37 B: the OPD methods paired at the end against the no-teacher control. Per-sample
+    scores built so that `a` is the control + 0.1 on every prompt (an interval of width 0) and `b`
+    the control plus noise of mean 0 around it; labels sharing a directory each get their row."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    prompts = [f"p{i}" for i in range(40)]
+    control = rng.uniform(0, 1, len(prompts))
+    noise = rng.normal(0, 0.3, len(prompts))
+    noise -= noise.mean()
+    frames = [pd.DataFrame({"model": model, "metric": "geneval", "prompt": prompts, "stratum": "s", "sample": 0,
+                            "value": values})
+              for model, values in (("dir_c", control), ("dir_a", control + 0.1), ("dir_b", control + noise))]
+    scores = pd.concat(frames, ignore_index=True)
+    rows = {"a": "dir_a", "b": "dir_b", "a again": "dir_a", "control": "dir_c"}
+    changes = summary.paired_changes(scores, rows, "control")
+    assert list(changes.index.get_level_values("model")) == ["a", "b", "a again"]
+    assert changes.loc[("a", "geneval"), ["diff", "low", "high"]].tolist() == pytest.approx([0.1, 0.1, 0.1])
+    assert changes.loc[("a", "geneval"), "verdict"] == "up"
+    b = changes.loc[("b", "geneval")]
+    assert b["diff"] == pytest.approx(0, abs=1e-12) and b["low"] < 0 < b["high"] and b["verdict"] == "no difference"
+    shown = summary.save_changes("estimator_changes", changes, tmp_path)
+    assert shown.loc["a", "geneval"] == "+0.100 [+0.100, +0.100] *" and not shown.loc["b", "geneval"].endswith("*")
+    assert "+0.100 [+0.100, +0.100] *" in (tmp_path / "estimator_changes_table.md").read_text()
+    with pytest.raises(ValueError, match="'no_teacher' is not one of the rows"):
+        summary.paired_changes(scores, rows, "no_teacher")
