@@ -129,10 +129,21 @@ def cpu_ranks_command(num_processes: int, target: list[str]) -> tuple[list[str],
     Not `accelerate launch`: for --cpu or a MULTI_CPU config file it starts ONE process (accelerate
     1.x's simple launcher forks only under mpirun). torch.distributed.run forks the ranks and sets
     the env:// variables; ACCELERATE_USE_CPU makes their `Accelerator()` join them with gloo (without
-    it each rank sees a world of 1 on a CPU-only torch and trains alone)."""
+    it each rank sees a world of 1 on a CPU-only torch and trains alone). Each rank gets its share of
+    this process's threads (`rank_threads`)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                str(num_processes), *target]
-    return command, {**os.environ, **CPU_RANKS_ENV}
+    threads = str(rank_threads(num_processes))
+    return command, {**os.environ, **CPU_RANKS_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def rank_threads(num_processes: int) -> int:
+    """Threads for each of `num_processes` CPU ranks: a share of what this process was given
+    (OMP_NUM_THREADS, else every core). Inherited whole, two ranks given two cores would run four
+    threads on them."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    total = int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
+    return max(1, total // num_processes)
 
 
 if __name__ == "__main__":

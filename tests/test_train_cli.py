@@ -164,3 +164,20 @@ def test_a_user_error_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path,
     done = subprocess.run([sys.executable, "-m", "flowopd_lib.train", "grpo", "lr=fast"], capture_output=True,
                           text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "lr='fast'" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("threads, ranks, per_rank", [("2", 2, "1"), ("8", 2, "4"), ("1", 3, "1"), ("5", 2, "2")])
+def test_cpu_ranks_share_the_threads_they_were_given(monkeypatch, threads, ranks, per_rank):
+    # Without the split, two ranks each inherit the runner's two threads for a lone stage: four threads
+    # on two cores, slower than one process.
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    command, env = train.cpu_ranks_command(ranks, ["-c", "pass"])
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == per_rank
+    assert command[command.index("--nproc_per_node") + 1] == str(ranks)
+
+
+def test_cpu_ranks_without_a_thread_setting_share_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    _, env = train.cpu_ranks_command(3, ["-c", "pass"])
+    assert env["OMP_NUM_THREADS"] == "2"
