@@ -435,7 +435,9 @@ def launch_eval(adapter: str | Path | None, config, out: str | Path, num_process
               "--out", str(out), *(["--name", name] if name else [])]
     command, env = launch_command(target, num_processes, accelerate_config)
     subprocess.run(command, check=True, env=env)
-    return read_scores(out)
+    scores = read_scores(out)
+    # named here, not by the CSV: pandas reads a row named "None" (notebook 05's base) or "NA" as missing
+    return scores if name is None else scores.assign(model=name)
 
 
 def launched_scores(models: dict[str, str | Path | None], config, out_dir: str | Path, num_processes: int = 1,

@@ -62,7 +62,9 @@ written or started.
 
 `--jobs N` runs up to N stages at once, in spec order, each as soon as the stages it refers to are
 done (independent trainings side by side, then the stages that consume them), with cores / N
-threads each (all the cores for a last stage that runs alone, such as a summary). It is for
+threads each (all the cores for a last stage that runs alone, such as a summary; one whose
+notebook is given `num_processes: auto` splits its evaluation over CPU ranks of one thread each,
+`train.processes`). It is for
 stages that train in their kernel (the toy world) or as CPU ranks: a run in which a selected
 stage trains as an `accelerate launch` job on GPUs (num_processes > 1, not a CPU accelerate
 config) is refused before anything starts (exit status 2), since its stages would
@@ -595,11 +597,14 @@ def gpu_launch_stages(plan: list) -> dict[str, int]:
     CUDA, runs torch.distributed.run --standalone, on a free port each). Each such job takes the GPUs
     from the first and binds the rendezvous port (main_process_port, 29500 unless set), so two at
     once collide: `--jobs` > 1 refuses them."""
-    from .train import cpu_processes
+    from .train import cpu_processes, processes
 
     found = {}
     for stage, _, params in plan:
-        n = int(params.get("num_processes") or 1)
+        try:
+            n = processes(params.get("num_processes") or 1)
+        except ValueError as error:
+            raise UsageError(f"stage {stage['name']!r}: {error}") from None
         if n <= 1:
             continue
         config = params.get("accelerate_config")

@@ -138,12 +138,30 @@ def cpu_ranks_command(num_processes: int, target: list[str]) -> tuple[list[str],
 
 
 def rank_threads(num_processes: int) -> int:
-    """Threads for each of `num_processes` CPU ranks: a share of what this process was given
-    (OMP_NUM_THREADS, else every core). Inherited whole, two ranks given two cores would run four
-    threads on them."""
+    """Threads for each of `num_processes` CPU ranks: a share of what this process was given.
+    Inherited whole, two ranks given two cores would run four threads on them."""
+    return max(1, given_threads() // num_processes)
+
+
+def given_threads() -> int:
+    """The threads this process was given: OMP_NUM_THREADS (the runner sets it per stage), else every core."""
     given = os.environ.get("OMP_NUM_THREADS", "")
-    total = int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
-    return max(1, total // num_processes)
+    return int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
+
+
+def processes(num_processes) -> int:
+    """The process count a `num_processes` setting asks for: a whole number >= 1, or "auto": on a
+    machine without a GPU one CPU rank per thread this process was given (a lone summary, given
+    every core by the runner, splits its images over ranks of one thread each: no thread waits on
+    another), and one process beside a GPU (a count there would launch over GPUs it may not have)."""
+    if num_processes == "auto":
+        import torch
+
+        return 1 if torch.cuda.is_available() else given_threads()
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes {num_processes!r}: give a whole number >= 1, or 'auto' (CPU ranks, one "
+                         "per thread given, where there is no GPU)")
+    return num_processes
 
 
 if __name__ == "__main__":

@@ -391,3 +391,20 @@ def test_launched_scores_are_cached_per_adapter_weights_and_job(tmp_path, monkey
     distributed_eval.launched_scores({"t": adapter}, job, tmp_path / "s", cache_dir=tmp_path / "c")
     distributed_eval.launched_scores({"base": None}, {**job, "eval_steps": 3}, tmp_path / "s", cache_dir=tmp_path / "c")
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("label", ["None", "NA", "nan", "base"])
+def test_freshly_launched_scores_keep_every_row_name(tmp_path, monkeypatch, label):
+    """Notebook 05 names the base's row "None" (str of its directory, None). Read back from the job's
+    CSV, pandas took "None" for a missing value: the base's scores lost their name, and the main table
+    failed (KeyError) on a first run; only a cached evaluation, renamed on reading, had worked."""
+    from flowopd_lib import distributed_eval
+
+    def fake_job(command, check, env):  # what `python -m flowopd_lib.distributed_eval ... --out O --name N` writes
+        out, name = command[command.index("--out") + 1], command[command.index("--name") + 1]
+        pd.DataFrame({"model": [name], "metric": ["ocr"], "prompt": [0], "sample": [0], "stratum": ["ocr"],
+                      "value": [0.5]}).to_csv(out, index=False)
+
+    monkeypatch.setattr(distributed_eval.subprocess, "run", fake_job)
+    scores = distributed_eval.launched_scores({label: None}, {"base": "toy", "eval_prompts": 2}, tmp_path / "s")
+    assert list(scores["model"]) == [label]

@@ -44,3 +44,12 @@ def test_an_estimators_reference_not_among_the_estimators_stops_notebook_05_befo
         notebook.execute(NOTEBOOKS / "05_ablations.ipynb", tmp_path / "05.ipynb", params, cwd=tmp_path)
     assert not (tmp_path / "out" / "scores.csv").exists()
     assert not list((tmp_path / "out").glob("eval_scores*"))
+
+
+def test_a_process_count_that_is_not_one_stops_notebook_05_before_evaluating(tmp_path):
+    """`num_processes` is a count or "auto"; anything else names itself before the evaluation."""
+    params = {"num_processes": "two", "out_dir": str(tmp_path / "out")}
+    with pytest.raises(PapermillExecutionError, match="num_processes 'two'"):
+        notebook.execute(NOTEBOOKS / "05_ablations.ipynb", tmp_path / "05.ipynb", params, cwd=tmp_path)
+    assert not (tmp_path / "out" / "scores.csv").exists()
+    assert not list((tmp_path / "out").glob("eval_scores*"))

@@ -485,6 +485,17 @@ def test_shipped_specs_say_whether_they_may_run_with_jobs(path, tmp_path):
         assert not on_gpus
 
 
+@pytest.mark.parametrize("path", sorted(p for p in runs.ROOT.glob("papermill_runs/*.yaml") if p.name != "sd35m.yaml"),
+                         ids=lambda p: p.name)
+def test_toy_specs_may_run_with_jobs_on_a_machine_with_a_gpu_too(path, tmp_path, monkeypatch):
+    """A toy spec that splits a stage over CPU ranks says `num_processes: auto`, never a count: on a
+    machine with a GPU a count would make that stage an accelerate job over GPUs it may not have,
+    and --jobs would refuse the run."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    spec = runs.load_spec(path)
+    assert not runs.gpu_launch_stages(runs.plan_stages(spec, tmp_path, {}))
+
+
 ACCELERATE_CONFIGS = runs.ROOT / "papermill_runs" / "accelerate"
 
 

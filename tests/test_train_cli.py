@@ -181,3 +181,21 @@ def test_cpu_ranks_without_a_thread_setting_share_the_cores(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     _, env = train.cpu_ranks_command(3, ["-c", "pass"])
     assert env["OMP_NUM_THREADS"] == "2"
+
+
+def test_auto_processes_are_cpu_ranks_one_per_given_thread_and_one_process_beside_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for threads, expected in (("2", 2), ("1", 1), ("8", 8)):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        assert train.processes("auto") == expected
+        assert train.rank_threads(expected) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.processes("auto") == 1
+    assert train.processes(4) == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, "two", 2.5, True, None])
+def test_a_process_count_that_is_not_a_count_or_auto_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match="num_processes") as error:
+        train.processes(bad)
+    assert repr(bad) in str(error.value) and "'auto'" in str(error.value)
