@@ -28,6 +28,14 @@ class IPCKernelManager(AsyncKernelManager):
         kwargs.setdefault("ip", str(folder / f"kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
         super().__init__(**kwargs)
 
+    async def _async_interrupt_kernel(self) -> None:
+        # jupyter_client interrupts a kernel before asking it to shut down. Papermill shuts it down
+        # after the last cell, idle, and the SIGINT then only made ipykernel print "ERROR |
+        # KeyboardInterrupt caught in kernel" into the run's log now and then: a false alarm.
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
+
 
 def execute(notebook: str | Path, executed: str | Path, parameters: dict, cwd: str | Path, log=None):
     """Run `notebook` with `parameters` into `executed` (papermill); `log`: an open file that gets the

@@ -54,3 +54,25 @@ def test_a_process_count_that_is_not_one_stops_the_notebook_before_any_compute(t
     with pytest.raises(PapermillExecutionError, match="num_processes 'two'"):
         notebook.execute(NOTEBOOKS / f"{name}.ipynb", tmp_path / f"{name}.ipynb", params, cwd=tmp_path)
     assert not [p for p in (tmp_path / "out").rglob("*") if p.suffix in (".csv", ".safetensors", ".png")]
+
+
+def test_a_kernel_shutting_down_is_not_interrupted(monkeypatch):
+    """jupyter_client sends SIGINT before its shutdown request; to the idle kernel papermill shuts
+    down it was only an "ERROR | KeyboardInterrupt caught in kernel" line in a run's log. A kernel
+    still running is interrupted as before."""
+    import asyncio
+
+    from jupyter_client import AsyncKernelManager
+
+    interrupted = []
+
+    async def interrupt(self):
+        interrupted.append(self.shutting_down)
+
+    monkeypatch.setattr(AsyncKernelManager, "_async_interrupt_kernel", interrupt)
+    manager = notebook.IPCKernelManager(kernel_name=notebook.KERNEL)
+    manager.shutting_down = True
+    asyncio.run(manager._async_interrupt_kernel())
+    manager.shutting_down = False
+    asyncio.run(manager._async_interrupt_kernel())
+    assert interrupted == [False]
