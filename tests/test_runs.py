@@ -468,10 +468,13 @@ def test_parallel_jobs_run_cpu_ranks_and_in_kernel_stages(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("path", sorted(runs.ROOT.glob("papermill_runs/*.yaml")), ids=lambda p: p.name)
-def test_shipped_specs_say_whether_they_may_run_with_jobs(path, tmp_path):
-    """The toy specs (`--jobs 2` in their headers) run stages in one process each; sd35m's training
-    stages (and any other stage whose notebook takes num_processes) are 8-GPU jobs, which --jobs > 1
-    refuses; under the dry run's CPU config none is."""
+def test_shipped_specs_say_whether_they_may_run_with_jobs(path, tmp_path, monkeypatch):
+    """The toy specs (`--jobs 2` in their headers) run stages in one process each, or over CPU ranks
+    as `num_processes: auto`, also on a machine with a GPU (a count there would be an accelerate job
+    over GPUs it may not have, and --jobs would refuse the study); sd35m's training stages (and any
+    other stage whose notebook takes num_processes) are 8-GPU jobs, which --jobs > 1 refuses; under
+    the dry run's CPU config none is."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     spec = runs.load_spec(path)
     plan = runs.plan_stages(spec, tmp_path, {})
     on_gpus = runs.gpu_launch_stages(plan)
@@ -483,17 +486,6 @@ def test_shipped_specs_say_whether_they_may_run_with_jobs(path, tmp_path):
         assert not runs.gpu_launch_stages(runs.plan_stages(spec, tmp_path, cpu))
     else:
         assert not on_gpus
-
-
-@pytest.mark.parametrize("path", sorted(p for p in runs.ROOT.glob("papermill_runs/*.yaml") if p.name != "sd35m.yaml"),
-                         ids=lambda p: p.name)
-def test_toy_specs_may_run_with_jobs_on_a_machine_with_a_gpu_too(path, tmp_path, monkeypatch):
-    """A toy spec that splits a stage over CPU ranks says `num_processes: auto`, never a count: on a
-    machine with a GPU a count would make that stage an accelerate job over GPUs it may not have,
-    and --jobs would refuse the run."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    spec = runs.load_spec(path)
-    assert not runs.gpu_launch_stages(runs.plan_stages(spec, tmp_path, {}))
 
 
 ACCELERATE_CONFIGS = runs.ROOT / "papermill_runs" / "accelerate"
