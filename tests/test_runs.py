@@ -663,19 +663,24 @@ def test_a_spec_name_cannot_lead_out_of_outputs(tmp_path, monkeypatch, capsys):
 
 
 def test_the_opd_methods_spec_trains_each_named_method_at_equal_samples(tmp_path):
-    """dial_opd_methods.yaml: every method of opd.METHODS from the merge and from the base, each stage's
-    config that method's fields, and the samples per stage equal within each start."""
+    """dial_opd_methods.yaml: every method of opd.METHODS from the merge and from the base (a stage named
+    `<method>_<start>_seed<n>` is a further seed of it), each stage's config that method's fields and its
+    seed, and the samples per stage equal within each start."""
     from flowopd_lib.opd import METHODS
 
     plan = runs.plan_stages(runs.load_spec(runs.ROOT / "papermill_runs/dial_opd_methods.yaml"), tmp_path, {})
     trained = {stage["name"]: (params, stage) for stage, _, params in plan if stage["notebook"].endswith("04_flow_opd.ipynb")}
-    assert set(trained) == {f"{m}_{start}" for m in METHODS for start in ("merge", "base")}
+    first_seeds = {name for name in trained if not re.search(r"_seed\d+$", name)}
+    assert first_seeds == {f"{m}_{start}" for m in METHODS for start in ("merge", "base")}
     samples = {}
     for name, (params, stage) in trained.items():
         cfg = stage_config(stage["notebook"], params)
-        method, start = name.rsplit("_", 1)
+        first, seed = re.fullmatch(r"(.+?)(?:_seed(\d+))?", name).groups()
+        method, start = first.rsplit("_", 1)
         assert all(getattr(cfg, k) == v for k, v in METHODS[method].items()), name
         assert (cfg.init_adapter is None) == (start == "base"), name
+        if seed is not None:
+            assert cfg.seed == int(seed) != stage_config(stage["notebook"], trained[first][0]).seed, name
         samples.setdefault(start, set()).add(cfg.updates * cfg.prompts_per_update * cfg.group_size)
     assert all(len(s) == 1 for s in samples.values()), samples
 
