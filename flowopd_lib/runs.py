@@ -510,7 +510,7 @@ def run(spec_path: str | Path, only: list[str] | None = None, start: str | None 
     if report:  # the parent's record: --jobs children (quiet) would overwrite it with their own command
         write_provenance(run_dir, spec, overrides)
     todo = apply(spec["name"], plan, decisions, fresh_stamp(run_dir), report)
-    if jobs > 1 and len(todo) > 1:
+    if jobs > 1:  # even one stage left: as a child, it gets the cores rather than the parent's threads
         run_parallel(spec_path, spec, todo, overrides, outputs, jobs)
     else:
         run_in_order(spec, todo)

@@ -708,6 +708,29 @@ def test_parallel_jobs_give_a_last_stage_alone_every_core(spec, tmp_path, monkey
     assert runs.child_threads(1, 4, others=3) == 1  # never 0 threads
 
 
+def test_jobs_give_a_lone_stage_left_to_run_every_core(spec, tmp_path, monkeypatch):
+    """A resumed --jobs run with one stage left (the summary after the training finished) starts it
+    with every core, as it would at the end of an uninterrupted run. It ran in the parent's kernel
+    instead, on the threads the parent was started with (OMP_NUM_THREADS=1: half of two cores)."""
+    started = {}
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, command, env):
+            started[command[command.index("--only") + 1]] = int(env["OMP_NUM_THREADS"])
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(runs.subprocess, "Popen", Finished)
+    monkeypatch.setattr(runs, "run_in_order", lambda *a, **k: pytest.fail("the lone stage ran in the parent"))
+    monkeypatch.setattr(runs.os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runs.run(spec, only=["coldstart"], outputs=tmp_path / "outputs", jobs=2, report=False)
+    assert started == {"coldstart": 8}
+
+
 DIAL_FULL = runs.ROOT / "papermill_runs" / "dial_full.yaml"
 
 
