@@ -82,20 +82,27 @@ def figure(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(table["task"]))
+    methods = list(dict.fromkeys(table["method"]))
+    settings = sorted(set(table["setting"]))
+    spread = 0.25 * (min(b - a for a, b in zip(settings, settings[1:])) if len(settings) > 1 else 0.1)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         part = table[table["task"] == task]
         for method, rows in part.groupby("method", sort=False):
             rows = rows.sort_values("setting")
+            # methods side by side around each setting, so that their intervals do not hide each other
+            x = rows["setting"] + spread * (methods.index(method) / max(1, len(methods) - 1) - 0.5)
             style = dict(color="black", ls="--") if method == "teacher - base" else {}
-            ax.errorbar(rows["setting"], rows["diff"], yerr=[rows["diff"] - rows["low"], rows["high"] - rows["diff"]],
-                        marker="o", capsize=3, lw=1, label=method, **style)
+            ax.errorbar(x, rows["diff"], yerr=[rows["diff"] - rows["low"], rows["high"] - rows["diff"]],
+                        marker="o", ms=4, capsize=2, lw=1, label=method, **style)
         ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(settings)
         ax.set_title(f"{task}: method - teacher (dashed: teacher - base)", fontsize=9)
         ax.set_xlabel("conflict setting")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside, not over, the data
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
