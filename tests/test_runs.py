@@ -685,9 +685,9 @@ def test_the_opd_methods_spec_trains_each_named_method_at_equal_samples(tmp_path
     assert all(len(s) == 1 for s in samples.values()), samples
 
 
-def test_parallel_jobs_give_a_last_stage_alone_every_core(spec, tmp_path, monkeypatch):
-    """--jobs 2 shares the cores between the two teachers; the cold start, which starts alone with
-    nothing left to wait for (as a summary does), gets all of them rather than idling half the machine."""
+def threads_of_started_children(monkeypatch, cores: int = 8) -> dict[str, int]:
+    """Stage name -> OMP_NUM_THREADS of each child runner --jobs starts, on a machine of `cores`
+    cores; the children finish at once without running anything."""
     started = {}
 
     class Finished:
@@ -700,7 +700,14 @@ def test_parallel_jobs_give_a_last_stage_alone_every_core(spec, tmp_path, monkey
             return 0
 
     monkeypatch.setattr(runs.subprocess, "Popen", Finished)
-    monkeypatch.setattr(runs.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(runs.os, "cpu_count", lambda: cores)
+    return started
+
+
+def test_parallel_jobs_give_a_last_stage_alone_every_core(spec, tmp_path, monkeypatch):
+    """--jobs 2 shares the cores between the two teachers; the cold start, which starts alone with
+    nothing left to wait for (as a summary does), gets all of them rather than idling half the machine."""
+    started = threads_of_started_children(monkeypatch)
     plan = runs.plan_stages(runs.load_spec(spec), tmp_path / "outputs" / "tiny_study")
     runs.run_parallel(spec, runs.load_spec(spec), plan, {}, tmp_path / "outputs", jobs=2)
     assert started == {"teacher_geneval": 4, "teacher_ocr": 4, "coldstart": 8}
@@ -712,20 +719,8 @@ def test_jobs_give_a_lone_stage_left_to_run_every_core(spec, tmp_path, monkeypat
     """A resumed --jobs run with one stage left (the summary after the training finished) starts it
     with every core, as it would at the end of an uninterrupted run. It ran in the parent's kernel
     instead, on the threads the parent was started with (OMP_NUM_THREADS=1: half of two cores)."""
-    started = {}
-
-    class Finished:
-        returncode = 0
-
-        def __init__(self, command, env):
-            started[command[command.index("--only") + 1]] = int(env["OMP_NUM_THREADS"])
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr(runs.subprocess, "Popen", Finished)
+    started = threads_of_started_children(monkeypatch)
     monkeypatch.setattr(runs, "run_in_order", lambda *a, **k: pytest.fail("the lone stage ran in the parent"))
-    monkeypatch.setattr(runs.os, "cpu_count", lambda: 8)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     runs.run(spec, only=["coldstart"], outputs=tmp_path / "outputs", jobs=2, report=False)
     assert started == {"coldstart": 8}
