@@ -103,3 +103,26 @@ def test_a_summary_with_per_sample_scores_is_compared_from_them_without_sampling
                            other_runs=(tmp_path / "mix",))
     assert table.loc["student", "diff"].tolist() == [0.25, 0.25] and table.loc["with MAR", "diff"].tolist() == [0.25, 0.25]
     assert table.loc["Mix", "diff"].tolist() == [0.5, 0.5]
+
+
+def test_another_run_may_be_named_by_its_summary_folder(tmp_path, monkeypatch):
+    """dial_opd_methods keeps its scores in summary_merge and summary_base, dial_full in summary: a
+    --with may name the other run's summary folder itself, so that the two pair (as the spec says)."""
+    import pandas as pd
+
+    from flowopd_lib import evaluation
+
+    monkeypatch.setattr(evaluation, "sample_scores", lambda *a, **k: pytest.fail("sampled"))
+
+    def summary(folder, main, values):
+        folder.mkdir(parents=True)
+        (folder / "parameters.yaml").write_text(yaml.safe_dump({"main": main, "seed": 0, "eval_prompts": 4}))
+        pd.DataFrame([{"model": str(directory), "metric": "ocr", "prompt": p, "sample": 0, "stratum": "ocr",
+                       "value": values[str(directory)] + p} for directory in main.values() for p in range(4)]
+                     ).to_csv(folder / "scores.csv", index=False)
+
+    summary(tmp_path / "study" / "summary", {"base": None, "student": "s/adapter"}, {"None": 0.0, "s/adapter": 0.25})
+    summary(tmp_path / "methods" / "summary_merge", {"base": None, "method": "m/adapter"}, {"None": 0.0, "m/adapter": 0.5})
+    table = compare.paired(tmp_path / "study", ["method"], "student", other_runs=(tmp_path / "methods" / "summary_merge",))
+    assert table.loc["method", "diff"].tolist() == [0.25]
+    compare.main([str(tmp_path / "study"), "method", "student", "--with", str(tmp_path / "methods" / "summary_merge")])

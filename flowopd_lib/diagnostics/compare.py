@@ -12,6 +12,8 @@ per metric with a paired bootstrap 95% interval:
 
 `--with OTHER_RUN` adds the rows of another run evaluated under the same protocol (e.g. Mix at a
 teacher's budget, from its own spec, against the study's students); a differing protocol is refused.
+OTHER_RUN is a run folder (its summary is the --summary-stage) or a summary folder itself, for a run
+whose summary stage has another name (dial_opd_methods' summary_merge against dial_full's summary).
 """
 from __future__ import annotations
 
@@ -80,13 +82,19 @@ def same_adapter(first: str | None, second: str | None) -> bool:
     return weights[0].keys() == weights[1].keys() and all(weights[0][k].equal(weights[1][k]) for k in weights[0])
 
 
+def summary_folder(run: str | Path, summary_stage: str) -> Path:
+    """A run's summary folder: `run` itself where it holds a summary's parameters.yaml, else its
+    `summary_stage` stage."""
+    return Path(run) if (Path(run) / "parameters.yaml").exists() else Path(run) / summary_stage
+
+
 def kept_scores(params_by_run: dict[str, dict], rows: dict[str, str | None], summary_stage: str) -> pd.DataFrame | None:
     """The per-sample scores of `rows` (label -> adapter directory) from the runs' summaries
     (notebook 05's scores.csv, models named by directory; the first run holding a directory wins),
     relabelled; None where a run has no scores.csv (summaries from before it) or a row is in none."""
     from ..safe_files import read_csv
 
-    paths = [Path(run) / summary_stage / "scores.csv" for run in params_by_run]
+    paths = [summary_folder(run, summary_stage) / "scores.csv" for run in params_by_run]
     if not all(path.exists() for path in paths):
         return None
     kept = pd.concat([read_csv(path, "a summary's per-sample scores") for path in paths], ignore_index=True)
@@ -105,13 +113,13 @@ def paired(run_dir: str | Path, labels: list[str], reference: str, summary_stage
     from .. import adapters, evaluation, models
     from ..rewards import conflict
 
-    params_by_run = {str(run): read_mapping(Path(run) / summary_stage / "parameters.yaml", "a summary's parameters")
-                     for run in (run_dir, *other_runs)}
+    params_by_run = {str(run): read_mapping(summary_folder(run, summary_stage) / "parameters.yaml",
+                                            "a summary's parameters") for run in (run_dir, *other_runs)}
     params = params_by_run[str(run_dir)]
     rows = joined_rows(params_by_run)
     unknown = [label for label in [*labels, reference] if label not in rows]
     if unknown:
-        runs = " + ".join(f"{run}/{summary_stage}" for run in params_by_run)
+        runs = " + ".join(str(summary_folder(run, summary_stage)) for run in params_by_run)
         raise cli.UserError(f"no row(s) {unknown} in {runs}; rows: {sorted(rows)}")
     kept = kept_scores(params_by_run, {label: rows[label] for label in [reference, *labels]}, summary_stage)
     if kept is not None:
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("rows", nargs="+", help="row labels of the summary's tables; the last is the reference")
     parser.add_argument("--summary-stage", default="summary")
     parser.add_argument("--with", dest="other_runs", action="append", default=[], metavar="OTHER_RUN",
-                        help="also the rows of this run (same evaluation protocol); repeatable")
+                        help="also the rows of this run (same evaluation protocol): its folder, or its "
+                             "summary folder where that stage has another name; repeatable")
     args = parser.parse_args(argv)
     if len(args.rows) < 2:
         raise cli.UserError("name at least two rows: the compared row(s), then the reference")
