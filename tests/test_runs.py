@@ -670,12 +670,13 @@ def test_the_opd_methods_spec_trains_each_named_method_at_equal_samples(tmp_path
 
     plan = runs.plan_stages(runs.load_spec(runs.ROOT / "papermill_runs/dial_opd_methods.yaml"), tmp_path, {})
     trained = {stage["name"]: (params, stage) for stage, _, params in plan if stage["notebook"].endswith("04_flow_opd.ipynb")}
-    first_seeds = {name for name in trained if not re.search(r"_seed\d+$", name)}
-    assert first_seeds == {f"{m}_{start}" for m in METHODS for start in ("merge", "base")}
+    seeded = {name: re.fullmatch(r"(.+?)(?:_seed(\d+))?", name).groups() for name in trained}  # (first, seed)
+    assert {name for name, (_, seed) in seeded.items() if seed is None} == \
+        {f"{m}_{start}" for m in METHODS for start in ("merge", "base")}
     samples = {}
     for name, (params, stage) in trained.items():
         cfg = stage_config(stage["notebook"], params)
-        first, seed = re.fullmatch(r"(.+?)(?:_seed(\d+))?", name).groups()
+        first, seed = seeded[name]
         method, start = first.rsplit("_", 1)
         assert all(getattr(cfg, k) == v for k, v in METHODS[method].items()), name
         assert (cfg.init_adapter is None) == (start == "base"), name

@@ -12,6 +12,8 @@ Nothing in the Flow-OPD stages (pretraining, teachers, cold start, distillation)
     ocr_errors  what an OCR model writes wrong (order / glyphs / count), and how little the frozen
             text encoders encode glyph order
             python -m flowopd_lib.diagnostics.ocr_errors --adapter <dir> --out <dir>
+    schedule  a run's measured stage times replayed under --jobs's rule for a spec's stage order
+            python -m flowopd_lib.diagnostics.schedule <run log> <spec> --jobs 2
     curves  learning curves of runs side by side; A+B chains a run B that continued A on one axis
             python -m flowopd_lib.diagnostics.curves <run_dir>[+<continued run_dir>] ... --out fig.png
 
